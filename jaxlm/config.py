@@ -1,0 +1,394 @@
+"""Frozen dataclass configs: YAML loading, ``key.sub=value`` overrides, validation, presets.
+
+Every config in jaxlm is a frozen dataclass. ``from_dict`` builds one from plain data
+(YAML), checking each field against its type annotation; an unknown key is an error
+that names it and lists the valid keys; a bad value names the dotted field path and
+what was expected. Value checks that involve several fields live in ``__post_init__``
+and raise ``ConfigError`` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, override or field value is invalid; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------
+# Generic machinery
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; returns the value in its canonical form."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        else:
+            items = tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)) if args else tuple(value)
+        return items if origin is tuple else list(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_t, val_t = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_t, f"{where}.<key>"): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, validating keys and value types.
+
+    A mapping may carry ``preset: NAME`` when ``cls`` has presets (see ``PRESETS``):
+    the preset's values are the defaults, the other keys override them.
+    """
+    label = where or cls.__name__
+    if data is None:
+        data = {}
+    if isinstance(data, str) and cls in PRESETS:
+        data = {"preset": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    data = dict(data)
+    base: dict[str, Any] = {}
+    if "preset" in data and cls in PRESETS:
+        name = data.pop("preset")
+        presets = PRESETS[cls]
+        if name not in presets:
+            raise ConfigError(f"{label}.preset: unknown preset {name!r}; valid presets: {', '.join(presets)}")
+        base = {f.name: getattr(presets[name], f.name) for f in dataclasses.fields(cls) if f.init}
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{label}: unknown key {', '.join(map(repr, unknown))}; valid keys: {', '.join(types_)}"
+        )
+    kwargs = dict(base)
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{label}: {err}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """Plain-data (YAML/JSON-safe) form of a config dataclass."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.n_layers=4"`` -> (["model", "n_layers"], 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.sub=value`` overrides to plain config data (returns a new dict)."""
+    import copy
+
+    data = copy.deepcopy(data) if data else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str):  # `model: tiny` shorthand becomes a mapping
+                child = {"preset": child}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a mapping")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Load ``cls`` from a YAML file (optional) plus command-line overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        if path is not None:
+            raise ConfigError(f"{path}: {err}") from None
+        raise
+
+
+def dump_yaml(config: Any, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """An OLMo-style decoder-only transformer.
+
+    Blocks are pre-norm: LayerNorm -> causal attention (RoPE, optional GQA) -> residual ->
+    LayerNorm -> SwiGLU MLP -> residual. ``norm="nonparametric"`` is OLMo-1B's LayerNorm
+    without scale or bias.
+    """
+
+    vocab_size: int = 50304
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int = 8192
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm: Literal["nonparametric", "layernorm", "rmsnorm"] = "nonparametric"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: DType = "float32"  # compute dtype; parameters are always float32
+    remat: Literal["none", "block", "minimal"] = "none"  # rematerialisation per block
+    scan_layers: bool = True  # one compiled block scanned over layers (fast compile)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                "unless head_dim is set"
+            )
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(
+                f"model.n_kv_heads: expected a positive divisor of n_heads ({self.n_heads}), got {self.n_kv_heads}"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"model.head_dim: RoPE needs an even head dimension, got {self.resolved_head_dim}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta: expected a positive number, got {self.rope_theta}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, h, kv, hd, f = self.d_model, self.n_heads, self.resolved_kv_heads, self.resolved_head_dim, self.mlp_hidden
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        mlp = 3 * d * f
+        norms = 0 if self.norm == "nonparametric" else (2 if self.norm == "layernorm" else 1) * d * (2 * self.n_layers + 1)
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp) + norms + (embed if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), 6N plus attention (PaLM appendix B)."""
+        t = seq_len or self.max_seq_len
+        n = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        attn = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * t
+        return 6.0 * n + attn
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Unit tests: compiles and runs in well under a second on CPU.
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, max_seq_len=64, init_std=0.1
+    ),
+    # Laptop / CI-scale science: ~6.6M parameters (of which 2.1M embeddings) at vocab 8192.
+    "cpu-small": ModelConfig(
+        vocab_size=8192, d_model=256, n_layers=6, n_heads=8, mlp_hidden=1024, max_seq_len=256
+    ),
+    # ~150M parameters for a single GPU.
+    "gpu-150m": ModelConfig(
+        vocab_size=50304, d_model=768, n_layers=12, n_heads=12, mlp_hidden=3072, max_seq_len=1024, dtype="bfloat16"
+    ),
+    # The official OLMo-1B architecture (allenai/OLMo-1B-hf config.json).
+    "olmo-1b": ModelConfig(
+        vocab_size=50304,
+        d_model=2048,
+        n_layers=16,
+        n_heads=16,
+        mlp_hidden=8192,
+        max_seq_len=2048,
+        rope_theta=10000.0,
+        norm="nonparametric",
+        tie_embeddings=True,
+        dtype="bfloat16",
+    ),
+}
+
+# Presets per config class; ``from_dict`` resolves ``preset: NAME`` (or a bare name) through it.
+PRESETS: dict[type, dict[str, Any]] = {ModelConfig: MODEL_PRESETS}
+
+
+def model_preset(name: str, **changes: Any) -> ModelConfig:
+    """A model preset by name, optionally with fields changed (validated)."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name], **changes)
+
+
+# ---------------------------------------------------------------------------------------
+# Device mesh
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over axes (data, fsdp, tensor). -1 means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+        for name, size in zip(("data", "fsdp", "tensor"), sizes):
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{name}: expected a positive integer or -1, got {size}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = 1
+        for s in sizes:
+            if s != -1:
+                known *= s
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if sizes[0] * sizes[1] * sizes[2] != num_devices:
+            raise ConfigError(
+                f"mesh: data*fsdp*tensor = {sizes[0] * sizes[1] * sizes[2]} but {num_devices} devices are available"
+            )
+        return tuple(sizes)  # type: ignore[return-value]

@@ -1,0 +1,403 @@
+"""OLMo-style decoder-only transformer in Flax Linen, used functionally.
+
+``forward(config, params, tokens, ...)`` is the pure entry point. Everything that varies
+per call is an explicit argument or output: the KV cache (``KVCache``), an intervention
+at the ``head_out`` site (``HeadIntervention``) and captured activations.
+
+Sites (TransformerLens names in brackets):
+  ``head_out``   each head's attention output before the output projection, [B, T, H, D]
+                 (``hook_z``); interventions are applied here.
+  ``resid_pre``  the residual stream entering a block, [B, T, d_model].
+  ``resid_mid``  the residual stream after attention, before the MLP.
+  ``resid_post`` the residual stream leaving a block.
+Captures come back stacked over layers: ``captures[name]`` is ``[L, B, T, ...]``.
+
+Layers are one block scanned over a leading ``layers`` parameter axis (fast compiles at
+any depth); parameters are float32, compute runs in ``config.dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from jaxlm.config import ModelConfig
+
+Array = jax.Array
+Params = Any
+
+SITES = ("head_out", "resid_pre", "resid_mid", "resid_post")
+# Attention logits of masked pairs: finite, so a fully masked (padding) row stays finite.
+_MASK_VALUE = -1e30
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer, in slots ``[0, max_len)``; slots ``>= index`` are empty.
+
+    ``segment_ids[b, s]`` is the segment of the token in slot ``s`` (0 = empty or padding:
+    never attended to). A query attends to slots at or before its own slot whose segment
+    equals its own, so ragged (left-padded) prompts and packed rows both work.
+    """
+
+    k: Array  # [L, B, S, H_kv, D]
+    v: Array  # [L, B, S, H_kv, D]
+    segment_ids: Array  # [B, S] int32
+    index: Array  # [] int32: next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@struct.dataclass
+class HeadIntervention:
+    """An additive shift of ``head_out``: ``head_out[l, b, t, h] += scale * mask[b, t] * shift[l, h]``.
+
+    ``scale = 0`` (or a zero shift) is exactly the identity, so one compiled program serves
+    every strength. ``jaxlm.intervene`` builds this from ITI directions and sigmas.
+    """
+
+    shift: Array  # [L, H, D]
+    position_mask: Array  # [B, T] bool: positions of this call that are shifted
+    scale: Array = struct.field(default_factory=lambda: jnp.ones((), jnp.float32))  # [] (alpha)
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: Array  # [B, T, V] float32
+    cache: KVCache | None
+    captures: dict[str, Array]  # site -> [L, B, T, ...]
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _normal(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init: Callable) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class Norm(nn.Module):
+    """LayerNorm without parameters (OLMo-1B), with scale and bias, or RMSNorm; fp32 inside."""
+
+    kind: str
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        h = x.astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(h, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+            h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.kind in ("layernorm", "rmsnorm"):
+            h = h * _param(self, "scale", (dim,), ("norm",), nn.initializers.ones)
+        if self.kind == "layernorm":
+            h = h + _param(self, "bias", (dim,), ("norm",), nn.initializers.zeros)
+        return h.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, half-split convention (as HF ``rotate_half``); x is [B, T, H, D]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_slots: Array, q_segments: Array, kv_segments: Array) -> Array:
+    """[B, T, S] bool: causal over slots, same segment, never an empty/padding slot."""
+    kv_slots = jnp.arange(kv_segments.shape[1])
+    causal = kv_slots[None, None, :] <= q_slots[None, :, None]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return causal & same & (kv_segments[:, None, :] != 0)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, q_slots, q_segments, kv_segments, layer_cache, shift_l, position_mask, scale):
+        cfg = self.config
+        dtype = _dtype(cfg.dtype)
+        h, kv, d = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        init = _normal(cfg.init_std)
+        wq = _param(self, "q", (cfg.d_model, h, d), ("embed", "heads", "kv"), init)
+        wk = _param(self, "k", (cfg.d_model, kv, d), ("embed", "kv_heads", "kv"), init)
+        wv = _param(self, "v", (cfg.d_model, kv, d), ("embed", "kv_heads", "kv"), init)
+        wo = _param(self, "out", (h, d, cfg.d_model), ("heads", "kv", "embed"), init)
+
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype))
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v, index = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(dtype), v.astype(dtype)
+
+        b, t = q.shape[:2]
+        groups = h // kv
+        qg = q.reshape(b, t, kv, groups, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
+        mask = attention_mask(q_slots, q_segments, kv_segments)
+        logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        head_out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        head_out = nn.with_logical_constraint(
+            head_out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        )
+
+        if shift_l is not None:  # the `head_out` intervention site
+            delta = scale * position_mask[:, :, None, None].astype(jnp.float32) * shift_l[None, None]
+            head_out = head_out + delta.astype(head_out.dtype)
+
+        out = jnp.einsum("bthk,hkd->btd", head_out, wo.astype(dtype))
+        return out, head_out, new_cache
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype = _dtype(cfg.dtype)
+        init = _normal(cfg.init_std)
+        w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
+        w_up = _param(self, "up", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
+        w_down = _param(self, "down", (cfg.mlp_hidden, cfg.d_model), ("mlp", "embed"), init)
+        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(dtype))
+        up = jnp.einsum("btd,df->btf", x, w_up.astype(dtype))
+        hidden = nn.with_logical_constraint(
+            jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return jnp.einsum("btf,fd->btd", hidden, w_down.astype(dtype))
+
+
+_RESID_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Block(nn.Module):
+    """One pre-norm block; called by ``nn.scan`` with per-layer inputs ``xs``."""
+
+    config: ModelConfig
+    capture: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, xs, shared):
+        cfg = self.config
+        layer_cache, shift_l = xs
+        positions, q_slots, q_segments, kv_segments, position_mask, scale = shared
+        captured = {}
+        if "resid_pre" in self.capture:
+            captured["resid_pre"] = x
+        with jax.named_scope("attention"):
+            attn, head_out, new_cache = Attention(cfg, name="attention")(
+                Norm(cfg.norm, cfg.norm_eps, name="attention_norm")(x),
+                positions, q_slots, q_segments, kv_segments, layer_cache, shift_l, position_mask, scale,
+            )
+            x = nn.with_logical_constraint(x + attn, _RESID_AXES)
+        if "head_out" in self.capture:
+            captured["head_out"] = head_out
+        if "resid_mid" in self.capture:
+            captured["resid_mid"] = x
+        with jax.named_scope("mlp"):
+            x = x + Mlp(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x))
+            x = nn.with_logical_constraint(x, _RESID_AXES)
+        if "resid_post" in self.capture:
+            captured["resid_post"] = x
+        return x, (new_cache, captured)
+
+
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+    capture: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+        intervention: HeadIntervention | None = None,
+    ) -> ModelOutput:
+        cfg = self.config
+        dtype = _dtype(cfg.dtype)
+        unknown = set(self.capture) - set(SITES)
+        if unknown:
+            raise ValueError(f"unknown capture site(s) {sorted(unknown)}; valid sites: {', '.join(SITES)}")
+        b, t = tokens.shape
+        q_segments = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            kv_segments = q_segments
+            if positions is None:
+                positions = positions_from_segments(q_segments)
+        else:
+            index = cache.index
+            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, q_segments, (0, index))
+            if positions is None:
+                previous = jnp.sum(cache.segment_ids != 0, axis=1)
+                positions = previous[:, None] + jnp.maximum(jnp.cumsum(q_segments != 0, axis=1) - 1, 0)
+        q_slots = index + jnp.arange(t, dtype=jnp.int32)
+
+        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _normal(cfg.init_std))
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, _RESID_AXES)
+
+        if intervention is None:
+            shift, position_mask, scale = None, None, None
+        else:
+            shift = intervention.shift.astype(jnp.float32)
+            position_mask = jnp.broadcast_to(intervention.position_mask, (b, t))
+            scale = jnp.asarray(intervention.scale, jnp.float32)
+        layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(index, (cfg.n_layers,)))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        shared = (positions, q_slots, q_segments, kv_segments, position_mask, scale)
+        x, (new_layer_caches, captures) = scanned(cfg, self.capture, name="layers")(x, (layer_caches, shift), shared)
+
+        x = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype))
+        else:
+            head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _normal(cfg.init_std))
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
+        logits = nn.with_logical_constraint(
+            logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+        )
+
+        new_cache = None
+        if cache is not None:
+            new_k, new_v = new_layer_caches
+            new_cache = KVCache(k=new_k, v=new_v, segment_ids=kv_segments, index=index + t)
+        return ModelOutput(logits=logits, cache=new_cache, captures=captures)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Position of each token within its segment (restarts where the segment id changes)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+    return idx - start
+
+
+# ---------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: Array,
+    *,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    cache: KVCache | None = None,
+    intervention: HeadIntervention | None = None,
+    capture: tuple[str, ...] | list[str] = (),
+) -> ModelOutput:
+    """Run the model: ``tokens`` [B, T] int -> ``ModelOutput`` (float32 logits [B, T, V]).
+
+    ``segment_ids`` [B, T] (0 = padding) keep packed documents apart; ``positions`` default
+    to the position within each segment (continuing from the cache when one is given).
+    With ``cache``, the tokens are written at ``cache.index`` and the updated cache returned.
+    """
+    model = Transformer(config, capture=tuple(capture))
+    return model.apply({"params": params}, tokens, positions, segment_ids, cache, intervention)
+
+
+def _abstract_variables(config: ModelConfig) -> Any:
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))
+
+
+def init_params(config: ModelConfig, rng: Array | int = 0) -> Params:
+    """Fresh float32 parameters (a plain nested dict of arrays)."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    variables = Transformer(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+    """Tree (same structure as params) of ``PartitionSpec`` with logical axis names."""
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """Tree of ``ShapeDtypeStruct`` for the params, without allocating them."""
+    return nn.unbox(_abstract_variables(config))["params"]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None, dtype: str | None = None) -> KVCache:
+    """An empty cache with ``max_len`` slots (default: the model's context length)."""
+    max_len = max_len or config.max_seq_len
+    shape = (config.n_layers, batch_size, max_len, config.resolved_kv_heads, config.resolved_head_dim)
+    kv_dtype = _dtype(dtype or config.dtype)
+    return KVCache(
+        k=jnp.zeros(shape, kv_dtype),
+        v=jnp.zeros(shape, kv_dtype),
+        segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+CACHE_LOGICAL_AXES = KVCache(
+    k=jax.sharding.PartitionSpec("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+    v=jax.sharding.PartitionSpec("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+    segment_ids=jax.sharding.PartitionSpec("cache_batch", "cache_length"),
+    index=jax.sharding.PartitionSpec(),
+)
+
+
+def no_intervention(config: ModelConfig, batch_size: int, length: int) -> HeadIntervention:
+    """A zero shift with the right shapes: lets baseline and intervened runs share one program."""
+    return HeadIntervention(
+        shift=jnp.zeros((config.n_layers, config.n_heads, config.resolved_head_dim), jnp.float32),
+        position_mask=jnp.zeros((batch_size, length), bool),
+        scale=jnp.zeros((), jnp.float32),
+    )
