@@ -322,7 +322,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=256, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, max_seq_len=64, init_std=0.1
     ),
-    # Laptop / CI-scale science: ~6.6M parameters (of which 2.1M embeddings) at vocab 8192.
+    # Laptop / CI-scale science: 8.4M parameters (2.1M of them the tied embedding).
     "cpu-small": ModelConfig(
         vocab_size=8192, d_model=256, n_layers=6, n_heads=8, mlp_hidden=1024, max_seq_len=256
     ),

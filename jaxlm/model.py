@@ -173,6 +173,8 @@ class Attention(nn.Module):
             head_out = head_out + delta.astype(head_out.dtype)
 
         out = jnp.einsum("bthk,hkd->btd", head_out, wo.astype(dtype))
+        if self.has_variable("params", "out_bias"):  # only in params baked by jaxlm.intervene
+            out = out + self.get_variable("params", "out_bias").astype(dtype)
         return out, head_out, new_cache
 
 

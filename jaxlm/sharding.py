@@ -8,6 +8,7 @@ parameters (FSDP) while activations, whose batch already uses ``fsdp``, keep it 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import jax
@@ -73,3 +74,10 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = RULES, ndim: int = 2) -> Na
 def shard(tree: Any, shardings: Any) -> Any:
     """Place every array of ``tree`` with the matching sharding of ``shardings``."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: LogicalRules = RULES):
+    """Trace under ``mesh`` with ``rules`` so the model's logical activation constraints apply."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules under jaxlm.cli, in the order `jaxlm --help` lists them.
-SUBCOMMAND_MODULES = ("info", "demo")
+SUBCOMMAND_MODULES = ("info",)
 
 
 def build_parser() -> argparse.ArgumentParser:
