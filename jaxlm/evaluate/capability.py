@@ -1,0 +1,256 @@
+"""Capability cost: cross-entropy / perplexity on held-out text, KL to a reference, BLiMP.
+
+All metrics run the model over padded token rows with one jitted scorer per row shape
+(rows are bucketed to multiples of ``bucket`` tokens, so a whole evaluation compiles a
+handful of programs). An ITI ``Intervention`` is applied at every real position (mode
+``all``), as the reference implementation does for its CE/KL side metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import re
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import model as model_lib
+from jaxlm.config import ModelConfig
+
+Params = Any
+
+
+# ---------------------------------------------------------------------------------------
+# Batched scoring of token rows
+# ---------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnums=0)
+def _row_scores(config: ModelConfig, params: Params, ref_params: Params | None, tokens, segment_ids, intervention):
+    """Per-token next-token log-prob [B, T-1] and, with a reference, KL(ref || model) [B, T-1]."""
+    head = None
+    if intervention is not None:
+        head = intervention.as_head_intervention(segment_ids != 0)
+    logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=head).logits[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if ref_params is None:
+        return target_logp, jnp.zeros_like(target_logp)
+    ref_logp = jax.nn.log_softmax(
+        model_lib.forward(config, ref_params, tokens, segment_ids=segment_ids).logits[:, :-1], axis=-1
+    )
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    return target_logp, kl
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(r) for r in rows)
+    length = -(-length // bucket) * bucket
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    segments = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+        segments[i, : len(row)] = 1
+    return tokens, segments
+
+
+def score_rows(
+    config: ModelConfig,
+    params: Params,
+    rows: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    bucket: int = 32,
+    pad_id: int = 0,
+    intervention: Any = None,
+    ref_params: Params | None = None,
+    progress: str | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """For each row: log-probs of tokens 1..n given their prefixes, and KL(ref || model) at 0..n-2."""
+    if any(len(r) < 2 for r in rows):
+        raise ValueError("every row needs at least 2 tokens to score (a context token and a target)")
+    order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
+    logps: list[np.ndarray] = [np.empty(0)] * len(rows)
+    kls: list[np.ndarray] = [np.empty(0)] * len(rows)
+    batches = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch", leave=False)
+    for start in batches:
+        idx = order[start : start + batch_size]
+        chunk = [rows[i] for i in idx]
+        chunk += [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape: one compile per bucket
+        tokens, segments = _pad_rows(chunk, bucket, pad_id)
+        lp, kl = jax.device_get(_row_scores(config, params, ref_params, tokens, segments, intervention))
+        for j, i in enumerate(idx):
+            n = len(rows[i]) - 1
+            logps[i], kls[i] = lp[j, :n], kl[j, :n]
+    return logps, kls
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-entropy and KL on held-out text
+# ---------------------------------------------------------------------------------------
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo WikiText's tokenization artefacts (`` @-@ ``, `` @,@ ``, spaces before punctuation)."""
+    text = re.sub(r" @(.)@ ", r"\1", text)
+    text = re.sub(r" ([.,;:!?)\]'])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    return text
+
+
+def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
+    """Held-out documents from a text file (``.gz`` ok): WikiText articles split at ``= Title =``
+    headings, otherwise blank-line separated paragraphs. Empty pieces are skipped."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    text = raw.decode("utf-8")
+    if re.search(r"^ = [^=].* = $", text, flags=re.M):
+        pieces = re.split(r"^ = (?=[^=])", text, flags=re.M)
+        docs = [detokenize_wikitext(" = " + p).strip() for p in pieces if p.strip()]
+    else:
+        docs = [p.strip() for p in re.split(r"\n\s*\n", text)]
+    docs = [d for d in docs if d]
+    return docs[:limit] if limit else docs
+
+
+def window_rows(token_docs: Iterable[Sequence[int]], length: int, bos_id: int, max_rows: int | None = None) -> list[list[int]]:
+    """Cut documents into rows of ``length`` tokens, each starting with ``bos_id`` as context."""
+    rows = []
+    for doc in token_docs:
+        for start in range(0, len(doc), length - 1):
+            piece = list(doc[start : start + length - 1])
+            if piece:
+                rows.append([bos_id] + piece)
+            if max_rows and len(rows) >= max_rows:
+                return rows
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLoss:
+    ce: float  # mean next-token cross-entropy, nats per token
+    perplexity: float
+    kl: float | None  # mean KL(reference || model) per token, when a reference was given
+    n_tokens: int
+    n_rows: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def text_loss(
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    documents: Sequence[str],
+    *,
+    max_len: int | None = None,
+    max_rows: int | None = None,
+    batch_size: int = 16,
+    intervention: Any = None,
+    ref_params: Params | None = None,
+    progress: str | None = "ce",
+) -> TextLoss:
+    """Cross-entropy (and KL to ``ref_params``) of the model on ``documents``."""
+    length = min(max_len or config.max_seq_len, config.max_seq_len)
+    rows = window_rows(tokenizer.encode_batch(list(documents)), length, tokenizer.eos_id, max_rows)
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError("no text to score: the documents are empty after tokenization")
+    logps, kls = score_rows(
+        config, params, rows, batch_size=batch_size, pad_id=tokenizer.pad_id,
+        intervention=intervention, ref_params=ref_params, progress=progress,
+    )
+    all_lp = np.concatenate(logps)
+    ce = float(-all_lp.mean())
+    kl = float(np.concatenate(kls).mean()) if ref_params is not None else None
+    return TextLoss(ce=ce, perplexity=float(np.exp(ce)), kl=kl, n_tokens=int(all_lp.size), n_rows=len(rows))
+
+
+# ---------------------------------------------------------------------------------------
+# BLiMP
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MinimalPair:
+    good: str
+    bad: str
+    paradigm: str
+    field: str
+
+
+def read_blimp(directory: str | Path, paradigms: Sequence[str] | None = None, limit_per_paradigm: int | None = None) -> list[MinimalPair]:
+    """BLiMP minimal pairs from ``<paradigm>.jsonl[.gz]`` files (``sentence_good``, ``sentence_bad``)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.jsonl*"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no BLiMP *.jsonl or *.jsonl.gz files")
+    pairs = []
+    for path in files:
+        paradigm = path.name.split(".jsonl")[0]
+        if paradigms and paradigm not in paradigms:
+            continue
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        count = 0
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for key in ("sentence_good", "sentence_bad"):
+                if key not in row:
+                    raise ValueError(f"{path}:{line_no}: missing field {key!r} (have {sorted(row)})")
+            pairs.append(MinimalPair(row["sentence_good"], row["sentence_bad"], paradigm, row.get("field", "")))
+            count += 1
+            if limit_per_paradigm and count >= limit_per_paradigm:
+                break
+    if paradigms:
+        missing = set(paradigms) - {p.paradigm for p in pairs}
+        if missing:
+            raise FileNotFoundError(f"{directory}: no BLiMP file for paradigm(s) {sorted(missing)}")
+    return pairs
+
+
+def blimp_accuracy(
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    *,
+    batch_size: int = 32,
+    intervention: Any = None,
+    progress: str | None = "blimp",
+) -> dict:
+    """Share of pairs whose good sentence has the higher total log-prob (given a leading EOS)."""
+    texts = [p.good for p in pairs] + [p.bad for p in pairs]
+    rows = [[tokenizer.eos_id] + ids for ids in tokenizer.encode_batch(texts)]
+    logps, _ = score_rows(
+        config, params, rows, batch_size=batch_size, pad_id=tokenizer.pad_id, intervention=intervention, progress=progress
+    )
+    totals = np.asarray([lp.sum() for lp in logps])
+    correct = totals[: len(pairs)] > totals[len(pairs) :]
+    per_paradigm: dict[str, list[bool]] = defaultdict(list)
+    per_field: dict[str, list[bool]] = defaultdict(list)
+    for pair, ok in zip(pairs, correct):
+        per_paradigm[pair.paradigm].append(bool(ok))
+        per_field[pair.field].append(bool(ok))
+    return {
+        "blimp_accuracy": float(np.mean(correct)),
+        "n_pairs": len(pairs),
+        "per_paradigm": {k: float(np.mean(v)) for k, v in sorted(per_paradigm.items())},
+        "per_field": {k: float(np.mean(v)) for k, v in sorted(per_field.items()) if k},
+    }

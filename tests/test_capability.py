@@ -1,0 +1,122 @@
+import gzip
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import model
+from jaxlm.config import model_preset
+from jaxlm.evaluate import capability
+from jaxlm.intervene import Intervention
+
+CFG = model_preset("tiny")
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 2..257 clipped into the tiny vocab); eos 0, pad 1."""
+
+    eos_id, pad_id = 0, 1
+
+    def encode_batch(self, texts):
+        return [[2 + (b % (CFG.vocab_size - 2)) for b in t.encode()] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, 0)
+
+
+def manual_logprobs(params, row, intervention=None):
+    tokens = np.asarray([row])
+    head = intervention.as_head_intervention(np.ones_like(tokens, bool)) if intervention is not None else None
+    logits = model.forward(CFG, params, tokens, intervention=head).logits[0, :-1]
+    logp = jax.nn.log_softmax(logits, -1)
+    return np.asarray(logp[np.arange(len(row) - 1), row[1:]])
+
+
+def test_score_rows_matches_unpadded_forward(params):
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 17, 9, 40, 2)]
+    logps, _ = capability.score_rows(CFG, params, rows, batch_size=2, bucket=16)
+    for row, lp in zip(rows, logps):
+        np.testing.assert_allclose(lp, manual_logprobs(params, row), atol=1e-5)
+
+
+def test_text_loss_and_kl(params):
+    tok = ByteTokenizer()
+    docs = ["the quick brown fox jumps over the lazy dog " * 3, "pack my box with five dozen liquor jugs"]
+    base = capability.text_loss(CFG, params, tok, docs, max_len=32, batch_size=4, ref_params=params, progress=None)
+    assert base.kl == pytest.approx(0.0, abs=1e-6)
+    assert base.perplexity == pytest.approx(np.exp(base.ce))
+    rows = capability.window_rows(tok.encode_batch(docs), 32, tok.eos_id)
+    assert base.n_tokens == sum(len(r) - 1 for r in rows)
+    expected = -np.mean(np.concatenate([manual_logprobs(params, r) for r in rows]))
+    assert base.ce == pytest.approx(expected, abs=1e-5)
+
+    rng = np.random.default_rng(1)
+    directions = rng.normal(size=(CFG.n_layers, CFG.n_heads, CFG.resolved_head_dim))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    iti = Intervention.create(directions, np.ones((CFG.n_layers, CFG.n_heads)), np.ones((CFG.n_layers, CFG.n_heads)), 0.0, "all")
+    zero = capability.text_loss(CFG, params, tok, docs, max_len=32, batch_size=4, intervention=iti, ref_params=params, progress=None)
+    assert zero.ce == base.ce and zero.kl == pytest.approx(0.0, abs=1e-6)
+    strong = capability.text_loss(
+        CFG, params, tok, docs, max_len=32, batch_size=4, intervention=iti.with_alpha(5.0), ref_params=params, progress=None
+    )
+    assert strong.kl > 1e-3 and strong.ce != base.ce
+    row = rows[0]
+    np.testing.assert_allclose(
+        capability.score_rows(CFG, params, [row], batch_size=1, intervention=iti.with_alpha(5.0))[0][0],
+        manual_logprobs(params, row, iti.with_alpha(5.0)),
+        atol=1e-5,
+    )
+
+
+def test_window_rows_prepends_context_token():
+    rows = capability.window_rows([[5, 6, 7, 8, 9]], 3, bos_id=0)
+    assert rows == [[0, 5, 6], [0, 7, 8], [0, 9]]
+    assert capability.window_rows([[5, 6, 7, 8, 9]], 3, bos_id=0, max_rows=2) == [[0, 5, 6], [0, 7, 8]]
+
+
+def test_read_documents_wikitext_and_paragraphs(tmp_path):
+    wiki = tmp_path / "w.txt"
+    wiki.write_text(" = Alpha = \n\n A 3 @-@ 4 result , fine . \n\n = = Sub = = \n\n more text \n\n = Beta = \n\n second article \n")
+    docs = capability.read_documents(wiki)
+    assert len(docs) == 2 and "3-4 result, fine." in docs[0] and "Sub" in docs[0] and docs[1].startswith("= Beta =")
+    plain = tmp_path / "p.txt.gz"
+    plain.write_bytes(gzip.compress(b"first para\nline two\n\n\nsecond para\n"))
+    assert capability.read_documents(plain) == ["first para\nline two", "second para"]
+
+
+def test_blimp_reader_and_accuracy(tmp_path, params):
+    rows = [{"sentence_good": "a b c", "sentence_bad": "c b a", "field": "syntax", "UID": "p1"}] * 3
+    (tmp_path / "p1.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "p2.jsonl.gz").write_bytes(gzip.compress(json.dumps({"sentence_good": "x y", "sentence_bad": "y y", "field": "morphology"}).encode()))
+    pairs = capability.read_blimp(tmp_path)
+    assert [p.paradigm for p in pairs] == ["p1", "p1", "p1", "p2"]
+    tok = ByteTokenizer()
+    result = capability.blimp_accuracy(CFG, params, tok, pairs, batch_size=4, progress=None)
+
+    def total(text):
+        return manual_logprobs(params, [tok.eos_id] + tok.encode_batch([text])[0]).sum()
+
+    expected = [total(p.good) > total(p.bad) for p in pairs]
+    assert result["blimp_accuracy"] == pytest.approx(np.mean(expected))
+    assert set(result["per_paradigm"]) == {"p1", "p2"} and set(result["per_field"]) == {"syntax", "morphology"}
+
+
+def test_blimp_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no BLiMP"):
+        capability.read_blimp(tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"sentence_good": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: missing field 'sentence_bad'"):
+        capability.read_blimp(tmp_path)
+    with pytest.raises(FileNotFoundError, match="paradigm"):
+        capability.read_blimp(tmp_path, paradigms=["nope"])
+
+
+def test_real_wikitext_and_blimp_parse(shared_dataset):
+    docs = capability.read_documents(shared_dataset("eval/wikitext2/valid.txt"))
+    assert len(docs) > 50 and not any(" @-@ " in d for d in docs)
+    pairs = capability.read_blimp(shared_dataset("eval/blimp"), limit_per_paradigm=2)
+    assert len({p.paradigm for p in pairs}) == 67 and len(pairs) == 134
