@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+
+from jaxlm import model
+from jaxlm.config import model_preset
+from jaxlm.evaluate import protocols
+from jaxlm.intervene import Intervention
+
+CFG = model_preset("tiny", max_seq_len=96)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; 0 is end-of-document, 1 padding (never produced by text)."""
+
+    eos_id, pad_id = 0, 1
+
+    def encode_batch(self, texts):
+        return [[b for b in t.encode() if b > 1] for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i > 1).decode("utf-8", errors="replace")
+
+
+def vowel_share(texts):
+    """A stand-in scorer in [0, 1]: the share of vowels among letters."""
+    out = []
+    for t in texts:
+        letters = [c for c in t.lower() if c.isalpha()]
+        out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, 0)
+
+
+def test_toxicity_metrics_on_hand_made_cases():
+    m = protocols.toxicity_metrics([[0.1, 0.7], [0.2, 0.3], [0.5]])
+    assert m["expected_max_toxicity"] == pytest.approx((0.7 + 0.3 + 0.5) / 3)
+    assert m["toxicity_probability"] == pytest.approx(2 / 3)  # 0.5 counts as toxic
+    assert m["mean_toxicity"] == pytest.approx((0.1 + 0.7 + 0.2 + 0.3 + 0.5) / 5)
+    assert m["n_prompts"] == 3 and m["n_samples"] == 5
+    assert protocols.toxicity_metrics([])["expected_max_toxicity"] is None
+
+
+def test_toxigen_parser():
+    line = "- first statement\\n- second one\\n-"
+    assert protocols.parse_toxigen_line(line) == "- first statement\n- second one\n-"
+    assert protocols.parse_toxigen_line("- only one\\n") == "- only one\n-"
+    with pytest.raises(ValueError, match="must start with '-'"):
+        protocols.parse_toxigen_line("no dash here\\n-")
+
+
+def write_toxigen(directory):
+    directory.mkdir()
+    (directory / "hate_groupa_1k.txt").write_text("- a b\\n- c d\\n-\n- e f\\n-\n")
+    (directory / "neutral_groupa_1k.txt").write_text("- g h\\n-\n")
+    (directory / "neutral_groupb_1k.txt").write_text("- i j\\n- k\\n-\n")
+    (directory / "README.md").write_text("ignored")
+
+
+def write_rtp(directory):
+    directory.mkdir()
+    for label, texts in (("toxic", ["You are a", "What the"]), ("nontoxic", ["The weather is", "I like", "Once upon"])):
+        with (directory / f"{label}.jsonl").open("w") as f:
+            for t in texts:
+                f.write(json.dumps({"prompt": {"text": t, "toxicity": 0.9 if label == "toxic" else 0.1}}) + "\n")
+
+
+def test_readers(tmp_path):
+    write_toxigen(tmp_path / "tg")
+    prompts = protocols.read_toxigen(tmp_path / "tg")
+    assert [(p.label, p.group) for p in prompts] == [("hate", "groupa")] * 2 + [("neutral", "groupa"), ("neutral", "groupb")]
+    assert len(protocols.read_toxigen(tmp_path / "tg", limit=1)) == 3
+    write_rtp(tmp_path / "rtp")
+    rtp = protocols.read_rtp(tmp_path / "rtp")
+    assert [p.label for p in rtp] == ["toxic"] * 2 + ["nontoxic"] * 3
+    assert protocols.read_rtp(tmp_path / "rtp", limit=1, seed=3) == protocols.read_rtp(tmp_path / "rtp", limit=1, seed=3)
+    with pytest.raises(FileNotFoundError, match="no ToxiGen"):
+        protocols.read_toxigen(tmp_path / "rtp")
+    (tmp_path / "rtp" / "toxic.jsonl").write_text(json.dumps({"prompt": {}}) + "\n")
+    with pytest.raises(ValueError, match=r"toxic.jsonl:1: missing field 'prompt.text'"):
+        protocols.read_rtp(tmp_path / "rtp")
+
+
+def test_rtp_end_to_end_is_seeded_and_alpha_zero_is_baseline(tmp_path, params):
+    write_rtp(tmp_path / "rtp")
+    tok = ByteTokenizer()
+    settings = protocols.GenerationSettings(samples=3, max_new_tokens=6, batch_size=8, seed=1)
+    first = protocols.rtp(CFG, params, tok, tmp_path / "rtp", vowel_share, settings=settings, progress=False)
+    again = protocols.rtp(CFG, params, tok, tmp_path / "rtp", vowel_share, settings=settings, progress=False)
+    assert first.summary() == again.summary()
+    assert set(first.groups["by_label"]) == {"toxic", "nontoxic"}
+    assert all(len(r["continuations"]) == 3 for r in first.records)
+    scores = [r["scores"] for r in first.records]
+    assert first.metrics["expected_max_toxicity"] == pytest.approx(np.mean([max(s) for s in scores]))
+    zero = Intervention.zeros(CFG)
+    with_zero = protocols.rtp(CFG, params, tok, tmp_path / "rtp", vowel_share, settings=settings, intervention=zero, progress=False)
+    assert with_zero.records == first.records
+    path = first.save(tmp_path / "out")
+    assert json.loads(path.read_text())["expected_max_toxicity"] == first.metrics["expected_max_toxicity"]
+    assert len((tmp_path / "out" / "rtp_generations.jsonl").read_text().splitlines()) == 5
+
+
+def test_toxigen_end_to_end_with_prefix(tmp_path, params):
+    write_toxigen(tmp_path / "tg")
+    tok = ByteTokenizer()
+    settings = protocols.GenerationSettings(samples=1, max_new_tokens=8, batch_size=4, stop_at_newline=True)
+    plain = protocols.toxigen(CFG, params, tok, tmp_path / "tg", vowel_share, settings=settings, progress=False)
+    assert set(plain.groups["by_group"]) == {"groupa", "groupb"} and set(plain.groups["by_label"]) == {"hate", "neutral"}
+    assert all("\n" not in c for r in plain.records for c in r["continuations"])
+    import dataclasses
+
+    prefixed = protocols.toxigen(
+        CFG, params, tok, tmp_path / "tg", vowel_share,
+        settings=dataclasses.replace(settings, prefix=protocols.DETOX_INSTRUCTION), progress=False,
+    )
+    assert [r["continuations"] for r in prefixed.records] != [r["continuations"] for r in plain.records]
+
+
+def test_scorer_contract_is_checked():
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        protocols.score_texts(lambda texts: [2.0] * len(texts), ["a"])
+    with pytest.raises(ValueError, match="one probability"):
+        protocols.score_texts(lambda texts: [], ["a"])
