@@ -1,0 +1,104 @@
+"""``jaxlm probe --checkpoint DIR --data SPEC --out DIR``: per-head probes on a model's head activations.
+
+Writes into ``--out``: ``activations.npy`` ([N, L, H, D] float32, streamed), ``labels.npy``,
+``probe_report.json`` (``accuracy`` as an L x H list, ``auc``, ``ranking``, ...),
+``probe_heatmap.png`` and ``probe_weights.npz`` (for building ITI interventions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DATA_HELP = (
+    "labelled set: toxigen | davidson | rtp, with options NAME[:key=value]..., e.g. "
+    "'davidson:limit=4000:balanced:seed=1' (keys: limit, balanced, seed; toxigen groups=a+b; "
+    "davidson toxic_classes=0+1; rtp toxic=0.5, nontoxic=0.2, parts=prompt+continuation)"
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from jaxlm.checkpoint import load_model
+    from jaxlm.config import ConfigError
+    from jaxlm.data.labelled import LabelledDataError, load_labelled, parse_data_spec
+    from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
+
+    out = Path(args.out)
+    try:
+        spec = parse_data_spec(args.data)
+        seed = args.seed if args.seed is not None else spec.seed
+        probe_config = ProbeConfig(C=args.C, folds=args.folds, seed=seed, standardize=args.standardize)
+        data = load_labelled(spec, args.data_dir, limit=args.limit, seed=seed)
+        model = load_model(args.checkpoint)
+    except (ConfigError, LabelledDataError, OSError, ValueError) as err:
+        print(f"jaxlm probe: error: {err}", file=sys.stderr)
+        return 2
+    if model.tokenizer is None:
+        print(f"jaxlm probe: error: {args.checkpoint}: no tokenizer.json next to the checkpoint", file=sys.stderr)
+        return 2
+    counts = data.class_counts()
+    print(f"data {data.name}: {len(data)} texts ({counts[1]} positive, {counts[0]} negative)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    activations = collect_head_activations(
+        model.config,
+        model.params,
+        model.tokenizer,
+        data.texts,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        position=args.position,
+        out_path=out / "activations.npy",
+        progress=not args.no_progress,
+    )
+    np.save(out / "labels.npy", data.labels)
+    try:
+        result = train_probes(activations, data.labels, probe_config)
+    except ValueError as err:
+        print(f"jaxlm probe: error: {err}", file=sys.stderr)
+        return 2
+    metadata = {
+        "checkpoint": str(args.checkpoint),
+        "step": model.step,
+        "data": data.name,
+        "class_counts": counts,
+        "position": args.position,
+        "max_len": args.max_len,
+        "activations": "activations.npy",
+        "labels": "labels.npy",
+    }
+    result.save_report(out, title=f"{Path(args.checkpoint).name}: {data.name}", metadata=metadata)
+    top = ", ".join(f"L{layer}H{head} {result.accuracy[layer, head]:.3f}" for layer, head in result.top_heads(5))
+    print(
+        f"probes: mean accuracy {result.accuracy.mean():.3f}, max {result.accuracy.max():.3f} "
+        f"(n_train {result.n_train}, n_val {result.n_val}); top heads: {top}"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="fit a linear probe per attention head on labelled texts and rank the heads",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
+    parser.add_argument("--data", required=True, help=DATA_HELP)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data-dir", help="corpora root (default: $JAXLM_DATA_DIR)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=128, help="tokens kept per text (from the start)")
+    parser.add_argument("--limit", type=int, help="number of texts (overrides the spec's limit)")
+    parser.add_argument("--seed", type=int, help="sampling and split seed (default: the spec's, else 0)")
+    parser.add_argument("--position", choices=("last", "mean"), default="last", help="token position per text")
+    parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (scikit-learn convention)")
+    parser.add_argument("--folds", type=int, default=1, help="1: one 4:1 split; k >= 2: stratified k-fold")
+    parser.add_argument("--standardize", action="store_true", help="penalise standardised weights")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)

@@ -1,0 +1,410 @@
+"""Labelled text sets for probing: ToxiGen prompts, Davidson tweets, RealToxicityPrompts.
+
+Every loader returns a ``LabelledSet`` (texts, binary labels with 1 = toxic, optional
+per-text groups, a name) read from the data directory (``jaxlm.paths``, ``$JAXLM_DATA_DIR``).
+``load_labelled("toxigen:limit=2000:balanced=true:seed=1")`` parses a ``--data`` spec
+(see ``parse_data_spec``) and applies the requested sampling.
+
+Layouts below the data directory (plain or ``.gz`` files):
+  ``labelled/toxigen/prompts/{hate,neutral}_<group>_1k.txt``  one prompt per line, sentences
+      joined by a literal backslash-n, each starting with ``- `` (hate -> 1, neutral -> 0)
+  ``labelled/davidson/labeled_data.csv``  columns ``class`` (0 hate, 1 offensive, 2 neither)
+      and ``tweet``
+  ``eval/rtp/{toxic,nontoxic}.jsonl``  RTP records with ``prompt``/``continuation`` objects
+      holding ``text`` and the Perspective ``toxicity`` score
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxlm.paths import MissingDataError, dataset_path
+from jaxlm.paths import data_dir as resolve_data_dir
+
+TOXIGEN_DIR = "labelled/toxigen/prompts"
+DAVIDSON_FILE = "labelled/davidson/labeled_data.csv"
+RTP_DIR = "eval/rtp"
+DAVIDSON_CLASS_NAMES = {0: "hate", 1: "offensive", 2: "neither"}
+
+
+class LabelledDataError(ValueError):
+    """A labelled data file or ``--data`` spec is malformed; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSet:
+    """Texts with binary labels (1 = the concept, e.g. toxic), optional groups, and a name."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray  # [N] int32 in {0, 1}
+    groups: tuple[str, ...] | None = None
+    name: str = "labelled"
+
+    def __post_init__(self) -> None:
+        texts = tuple(self.texts)
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or len(labels) != len(texts):
+            raise LabelledDataError(f"{self.name}: {len(texts)} texts but labels of shape {labels.shape}")
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise LabelledDataError(f"{self.name}: labels must be 0 or 1, got {sorted(set(labels.tolist()))}")
+        groups = None if self.groups is None else tuple(self.groups)
+        if groups is not None and len(groups) != len(texts):
+            raise LabelledDataError(f"{self.name}: {len(texts)} texts but {len(groups)} groups")
+        object.__setattr__(self, "texts", texts)
+        object.__setattr__(self, "labels", labels.astype(np.int32))
+        object.__setattr__(self, "groups", groups)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def class_counts(self) -> dict[int, int]:
+        return {label: int(np.sum(self.labels == label)) for label in (0, 1)}
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "LabelledSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabelledSet(
+            texts=tuple(self.texts[i] for i in idx),
+            labels=self.labels[idx],
+            groups=None if self.groups is None else tuple(self.groups[i] for i in idx),
+            name=name or self.name,
+        )
+
+    def sample(self, limit: int | None = None, *, balanced: bool = False, seed: int = 0) -> "LabelledSet":
+        """A seeded subset in the original order.
+
+        ``balanced``: equal numbers of each class (``limit // 2`` each, or the minority
+        class size when that is smaller or ``limit`` is None). Otherwise ``limit`` texts
+        drawn uniformly (all of them when ``limit`` is None or not smaller than the set).
+        """
+        rng = np.random.default_rng(seed)
+        if balanced:
+            per_class = min(self.class_counts().values())
+            if limit is not None:
+                per_class = min(per_class, limit // 2)
+            chosen = [rng.choice(np.flatnonzero(self.labels == c), per_class, replace=False) for c in (0, 1)]
+            indices = np.concatenate(chosen)
+        elif limit is not None and limit < len(self):
+            indices = rng.choice(len(self), limit, replace=False)
+        else:
+            return self
+        return self.subset(np.sort(indices))
+
+
+# ---------------------------------------------------------------------------------------
+# File helpers
+# ---------------------------------------------------------------------------------------
+
+
+def open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """Open a UTF-8 text file, gzip-compressed or not (by the ``.gz`` suffix)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _find(relative: str, data_dir: str | os.PathLike | None) -> Path:
+    """``relative`` or ``relative + ".gz"`` below the data directory."""
+    root = resolve_data_dir(data_dir)
+    for candidate in (root / relative, root / (relative + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise MissingDataError(f"dataset {relative!r} (or {relative + '.gz'!r}) not found under {root}")
+
+
+def _dedupe(rows: list[tuple[str, int, str]], name: str) -> LabelledSet:
+    """Keep each text once (its first group); drop texts that occur with both labels."""
+    first: dict[str, tuple[int, str]] = {}
+    conflicting: set[str] = set()
+    for text, label, group in rows:
+        if text in first:
+            if first[text][0] != label:
+                conflicting.add(text)
+            continue
+        first[text] = (label, group)
+    kept = [(t, lg) for t, lg in first.items() if t not in conflicting]
+    return LabelledSet(
+        texts=tuple(t for t, _ in kept),
+        labels=np.array([lg[0] for _, lg in kept], dtype=np.int32),
+        groups=tuple(lg[1] for _, lg in kept),
+        name=name,
+    )
+
+
+def _require_both_classes(data: LabelledSet, where: str) -> LabelledSet:
+    counts = data.class_counts()
+    if min(counts.values()) == 0:
+        raise LabelledDataError(f"{where}: expected texts of both classes, got counts {counts}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------
+
+_TOXIGEN_FILE = re.compile(r"^(hate|neutral)_(.+)_1k\.txt(\.gz)?$")
+
+
+def split_toxigen_prompt(line: str) -> list[str]:
+    """Sentences of one ToxiGen prompt line: split on literal ``\\n``, strip the ``- `` bullet."""
+    sentences = []
+    for part in line.strip().split("\\n"):
+        part = part.strip()
+        if part.startswith("-"):
+            part = part[1:].strip()
+        if part:
+            sentences.append(part)
+    return sentences
+
+
+def load_toxigen(data_dir: str | os.PathLike | None = None, groups: Sequence[str] | None = None) -> LabelledSet:
+    """Unique ToxiGen prompt sentences: ``hate_*`` files -> 1, ``neutral_*`` -> 0; group from the name."""
+    folder = dataset_path(TOXIGEN_DIR, data_dir)
+    files = sorted(p for p in folder.iterdir() if _TOXIGEN_FILE.match(p.name))
+    if not files:
+        raise MissingDataError(f"{folder}: no ToxiGen prompt files (expected hate_<group>_1k.txt[.gz])")
+    known = sorted({_TOXIGEN_FILE.match(p.name).group(2) for p in files})
+    if groups is not None:
+        unknown = sorted(set(groups) - set(known))
+        if unknown:
+            raise LabelledDataError(f"toxigen: unknown group(s) {unknown}; groups in {folder}: {', '.join(known)}")
+    rows: list[tuple[str, int, str]] = []
+    for path in files:
+        kind, group = _TOXIGEN_FILE.match(path.name).group(1, 2)
+        if groups is not None and group not in groups:
+            continue
+        label = 1 if kind == "hate" else 0
+        try:
+            with open_text(path) as handle:
+                for line in handle:
+                    rows.extend((sentence, label, group) for sentence in split_toxigen_prompt(line))
+        except (OSError, UnicodeDecodeError, EOFError) as err:
+            raise LabelledDataError(f"{path}: cannot read ToxiGen prompts ({err})") from None
+    return _require_both_classes(_dedupe(rows, "toxigen"), f"toxigen ({folder})")
+
+
+def load_davidson(
+    data_dir: str | os.PathLike | None = None, toxic_classes: Sequence[int] = (0, 1)
+) -> LabelledSet:
+    """Davidson et al. tweets: ``class`` in ``toxic_classes`` -> 1 (default hate + offensive), else 0."""
+    bad = sorted(set(toxic_classes) - set(DAVIDSON_CLASS_NAMES))
+    if bad or not toxic_classes:
+        raise LabelledDataError(f"davidson: toxic classes must be a non-empty subset of 0, 1, 2; got {list(toxic_classes)}")
+    path = _find(DAVIDSON_FILE, data_dir)
+    rows: list[tuple[str, int, str]] = []
+    try:
+        with open_text(path) as handle:
+            reader = csv.DictReader(handle)
+            missing = {"class", "tweet"} - set(reader.fieldnames or ())
+            if missing:
+                raise LabelledDataError(
+                    f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}"
+                )
+            for line_no, record in enumerate(reader, start=2):
+                try:
+                    cls = int(record["class"])
+                except (TypeError, ValueError):
+                    cls = -1
+                if cls not in DAVIDSON_CLASS_NAMES:
+                    raise LabelledDataError(
+                        f"{path}: record {line_no}: class must be 0, 1 or 2, got {record['class']!r}"
+                    )
+                text = (record["tweet"] or "").strip()
+                if text:
+                    rows.append((text, int(cls in toxic_classes), DAVIDSON_CLASS_NAMES[cls]))
+    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as err:
+        raise LabelledDataError(f"{path}: cannot read Davidson CSV ({err})") from None
+    return _require_both_classes(_dedupe(rows, "davidson"), f"davidson ({path})")
+
+
+def _rtp_records(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        with open_text(path) as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LabelledDataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise LabelledDataError(f"{path}: line {line_no}: expected a JSON object")
+                yield line_no, record
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise LabelledDataError(f"{path}: cannot read RTP JSONL ({err})") from None
+
+
+def load_rtp(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    toxic_threshold: float = 0.5,
+    nontoxic_threshold: float = 0.2,
+    parts: Sequence[str] = ("prompt", "continuation"),
+) -> LabelledSet:
+    """RTP texts by Perspective toxicity: ``>= toxic_threshold`` -> 1, ``< nontoxic_threshold`` -> 0.
+
+    Texts in between, and texts without a score, are left out. Group = the part
+    (``prompt`` or ``continuation``).
+    """
+    if not 0.0 <= nontoxic_threshold <= toxic_threshold <= 1.0:
+        raise LabelledDataError(
+            f"rtp: need 0 <= nontoxic threshold ({nontoxic_threshold}) <= toxic threshold ({toxic_threshold}) <= 1"
+        )
+    bad_parts = sorted(set(parts) - {"prompt", "continuation"})
+    if bad_parts or not parts:
+        raise LabelledDataError(f"rtp: parts must be among 'prompt', 'continuation'; got {list(parts)}")
+    rows: list[tuple[str, int, str]] = []
+    for stem in ("toxic", "nontoxic"):
+        path = _find(f"{RTP_DIR}/{stem}.jsonl", data_dir)
+        for line_no, record in _rtp_records(path):
+            for part in parts:
+                entry = record.get(part)
+                if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+                    raise LabelledDataError(f"{path}: line {line_no}: expected {part!r} with a 'text' string")
+                score = entry.get("toxicity")
+                text = entry["text"].strip()
+                if score is None or not text:
+                    continue
+                if score >= toxic_threshold:
+                    rows.append((text, 1, part))
+                elif score < nontoxic_threshold:
+                    rows.append((text, 0, part))
+    return _require_both_classes(_dedupe(rows, "rtp"), f"rtp ({RTP_DIR})")
+
+
+# ---------------------------------------------------------------------------------------
+# --data specs
+# ---------------------------------------------------------------------------------------
+
+
+def _int(key: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise LabelledDataError(f"data spec: {key} expects an integer, got {raw!r}") from None
+
+
+def _float(key: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise LabelledDataError(f"data spec: {key} expects a number, got {raw!r}") from None
+
+
+def _bool(key: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on", ""):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise LabelledDataError(f"data spec: {key} expects true/false, got {raw!r}")
+
+
+def _names(key: str, raw: str) -> tuple[str, ...]:
+    names = tuple(n for n in raw.split("+") if n)
+    if not names:
+        raise LabelledDataError(f"data spec: {key} expects names joined by '+', got {raw!r}")
+    return names
+
+
+# Loader-specific options: spec key -> (loader keyword, parser).
+_LOADERS: dict[str, tuple[Callable[..., LabelledSet], dict[str, tuple[str, Callable[[str, str], Any]]]]] = {
+    "toxigen": (load_toxigen, {"groups": ("groups", _names)}),
+    "davidson": (
+        load_davidson,
+        {"toxic_classes": ("toxic_classes", lambda k, raw: tuple(_int(k, c) for c in _names(k, raw)))},
+    ),
+    "rtp": (
+        load_rtp,
+        {
+            "toxic": ("toxic_threshold", _float),
+            "nontoxic": ("nontoxic_threshold", _float),
+            "parts": ("parts", _names),
+        },
+    ),
+}
+_SAMPLING_KEYS = {"limit": _int, "balanced": _bool, "seed": _int}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` spec: dataset name, sampling, and loader options."""
+
+    name: str
+    limit: int | None = None
+    balanced: bool = False
+    seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __str__(self) -> str:
+        parts = [self.name]
+        if self.limit is not None:
+            parts.append(f"limit={self.limit}")
+        if self.balanced:
+            parts.append("balanced=true")
+        if self.seed:
+            parts.append(f"seed={self.seed}")
+        for key, value in self.options:
+            shown = "+".join(map(str, value)) if isinstance(value, tuple) else value
+            parts.append(f"{key}={shown}")
+        return ":".join(parts)
+
+
+def parse_data_spec(text: str) -> DataSpec:
+    """Parse ``NAME[:key=value]...`` (``,`` also separates options).
+
+    NAME is one of ``toxigen``, ``davidson``, ``rtp``. Sampling keys: ``limit=N``,
+    ``balanced[=true]`` (equal class counts), ``seed=S``. Loader keys: toxigen
+    ``groups=a+b``; davidson ``toxic_classes=0+1``; rtp ``toxic=0.5``, ``nontoxic=0.2``,
+    ``parts=prompt+continuation``. Example: ``davidson:limit=4000:balanced:seed=1``.
+    """
+    pieces = [p.strip() for p in re.split(r"[:,]", text.strip())]
+    name, items = pieces[0].lower(), [p for p in pieces[1:] if p]
+    if name not in _LOADERS:
+        raise LabelledDataError(f"data spec {text!r}: unknown dataset {name!r}; valid: {', '.join(_LOADERS)}")
+    loader_keys = _LOADERS[name][1]
+    sampling: dict[str, Any] = {}
+    options: list[tuple[str, Any]] = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        key = key.strip().lower()
+        if key in _SAMPLING_KEYS:
+            sampling[key] = _SAMPLING_KEYS[key](key, raw.strip())
+        elif key in loader_keys:
+            options.append((key, loader_keys[key][1](key, raw.strip())))
+        else:
+            valid = ", ".join([*_SAMPLING_KEYS, *loader_keys])
+            raise LabelledDataError(f"data spec {text!r}: unknown option {key!r} for {name}; valid: {valid}")
+    limit = sampling.get("limit")
+    if limit is not None and limit <= 0:
+        raise LabelledDataError(f"data spec {text!r}: limit must be positive, got {limit}")
+    return DataSpec(name=name, options=tuple(options), **sampling)
+
+
+def load_labelled(
+    spec: str | DataSpec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    limit: int | None = None,
+    seed: int | None = None,
+) -> LabelledSet:
+    """Load the labelled set a spec names; ``limit``/``seed`` override the spec's own."""
+    parsed = parse_data_spec(spec) if isinstance(spec, str) else spec
+    if limit is not None:
+        parsed = dataclasses.replace(parsed, limit=limit)
+    if seed is not None:
+        parsed = dataclasses.replace(parsed, seed=seed)
+    loader, keys = _LOADERS[parsed.name]
+    data = loader(data_dir, **{keys[key][0]: value for key, value in parsed.options})
+    data = data.sample(parsed.limit, balanced=parsed.balanced, seed=parsed.seed)
+    return dataclasses.replace(data, name=str(parsed))

@@ -1,0 +1,550 @@
+"""Head activations and per-head linear probes (the probing half of ITI).
+
+``collect_head_activations`` runs labelled texts through the model and keeps each head's
+``head_out`` (the attention output before the output projection) at one position per
+text: ``[N, L, H, D]`` float32, optionally streamed to a ``.npy`` file.
+
+``train_probes`` fits an L2-regularised logistic regression for every (layer, head) at
+once: one jitted, ``vmap``-ed Newton solver over heads, on a seeded stratified 4:1 split
+(or k folds). The objective is scikit-learn's ``LogisticRegression(C=C)``
+(``0.5 * |w|^2 + C * sum(log-loss)``, intercept unpenalised) on the raw activations, so
+accuracies agree with a per-head scikit-learn loop; features are centred and scaled
+inside the solver for conditioning only (``standardize=True`` penalises the standardised
+weights instead, i.e. ``StandardScaler`` + ``LogisticRegression``). Weights come back in
+activation space, ready to be ITI directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config import ConfigError, ModelConfig, to_dict
+from jaxlm.model import Params, forward
+
+POSITIONS = ("last", "mean")
+REPORT_FILE = "probe_report.json"
+HEATMAP_FILE = "probe_heatmap.png"
+WEIGHTS_FILE = "probe_weights.npz"
+
+
+# ---------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text from a tokenizer with ``encode_batch`` or a callable ``texts -> ids``."""
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(list(texts))
+    elif callable(tokenizer):
+        encoded = tokenizer(list(texts))
+    else:
+        raise TypeError(f"tokenizer must have encode_batch or be callable, got {type(tokenizer).__name__}")
+    ids = [list(getattr(item, "ids", item)) for item in encoded]
+    if len(ids) != len(texts):
+        raise ValueError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
+    return ids
+
+
+def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Padded lengths used for batches: powers of two from ``smallest``, capped by ``max_len``."""
+    buckets, length = [], smallest
+    while length < max_len:
+        buckets.append(length)
+        length *= 2
+    return (*buckets, max_len)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], length: int, rows: int, side: str = "right"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens``, ``segment_ids`` [rows, length]: real tokens in segment 1, padding 0 (extra rows all padding)."""
+    tokens = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        span = slice(0, n) if side == "right" else slice(length - n, length)
+        tokens[row, span] = seq
+        segments[row, span] = 1
+    return tokens, segments
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("position",))
+def _reduced_head_out(
+    config: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array, *, position: str
+) -> jax.Array:
+    """[B, L, H, D] float32: ``head_out`` at the last non-pad token, or its mean over non-pad tokens."""
+    out = forward(config, params, tokens, segment_ids=segment_ids, capture=("head_out",))
+    acts = out.captures["head_out"].astype(jnp.float32)  # [L, B, T, H, D]
+    real = segment_ids != 0
+    if position == "last":
+        last = tokens.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]
+        picked = jnp.take_along_axis(acts, last[None, :, None, None, None], axis=2)[:, :, 0]
+    else:
+        weights = real / jnp.maximum(real.sum(axis=1, keepdims=True), 1)
+        picked = jnp.einsum("lbthd,bt->lbhd", acts, weights.astype(jnp.float32))
+    return jnp.transpose(picked, (1, 0, 2, 3))
+
+
+def collect_head_activations(
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_len: int | None = None,
+    position: str = "last",
+    padding: str = "right",
+    out_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """``head_out`` of every layer and head at one position per text: ``[N, L, H, D]`` float32.
+
+    ``tokenizer``: an object with ``encode_batch(texts)`` (e.g. ``jaxlm.tokenizer.Tokenizer``)
+    or a callable ``texts -> token ids``. Texts longer than ``max_len`` (default: the
+    model's context) keep their first ``max_len`` tokens. ``position``: ``"last"`` (last
+    non-pad token) or ``"mean"`` (mean over non-pad tokens). Texts are sorted by length
+    and padded to a few bucket lengths, so one compile serves each bucket. With
+    ``out_path`` the result is written to a ``.npy`` memmap batch by batch (and returned
+    as that memmap).
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    if padding not in ("right", "left"):
+        raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    max_len = min(max_len or config.max_seq_len, config.max_seq_len)
+    ids = [seq[:max_len] for seq in encode_texts(tokenizer, texts)]
+    empty = [i for i, seq in enumerate(ids) if not seq]
+    if empty:
+        raise ValueError(f"{len(empty)} text(s) encode to no tokens (first: index {empty[0]}); drop them first")
+
+    shape = (len(ids), config.n_layers, config.n_heads, config.resolved_head_dim)
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        result = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+    else:
+        result = np.empty(shape, np.float32)
+
+    from tqdm.auto import tqdm
+
+    buckets = length_buckets(max_len)
+    order = np.argsort([len(seq) for seq in ids], kind="stable")
+    rows = min(batch_size, len(ids))
+    with tqdm(total=len(ids), desc="head activations", unit="text", disable=not progress) as bar:
+        for start in range(0, len(ids), rows):
+            chosen = order[start : start + rows]
+            batch = [ids[i] for i in chosen]
+            length = next(b for b in buckets if b >= max(map(len, batch)))
+            tokens, segments = pad_batch(batch, length, rows, padding)
+            acts = _reduced_head_out(config, params, jnp.asarray(tokens), jnp.asarray(segments), position=position)
+            result[chosen] = np.asarray(acts)[: len(chosen)]
+            bar.update(len(chosen))
+    if isinstance(result, np.memmap):
+        result.flush()
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(np.unique(labels).tolist()))}")
+    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    if counts.min() < 2:
+        raise ValueError(f"each class needs at least 2 examples, got counts {counts.tolist()}")
+    return labels.astype(np.int32)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) indices keeping each class's share; each class has both."""
+    labels = _check_labels(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = min(max(int(round(len(members) * val_fraction)), 1), len(members) - 1)
+        val.append(members[:n_val])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded stratified k-fold: the validation indices of each fold (a partition of all)."""
+    labels = _check_labels(labels)
+    if folds < 2 or folds > np.bincount(labels).min():
+        raise ValueError(f"folds must be between 2 and the smaller class size, got {folds}")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), np.int64)
+    offset = 0
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        fold_of[members] = (np.arange(len(members)) + offset) % folds
+        offset += len(members)
+    return [np.flatnonzero(fold_of == k) for k in range(folds)]
+
+
+# ---------------------------------------------------------------------------------------
+# Vectorised logistic regression
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Probe settings. ``C`` is scikit-learn's inverse regularisation strength."""
+
+    C: float = 1.0
+    val_fraction: float = 0.2  # single split (folds = 1): 4:1 train/validation
+    folds: int = 1  # >= 2: stratified k-fold; weights then come from a fit on all examples
+    seed: int = 0
+    standardize: bool = False  # True: penalise standardised weights (StandardScaler + LR)
+    max_iter: int = 50  # Newton iterations
+    tol: float = 1e-9  # stop when the Newton decrement^2 / 2 (mean-loss scale) is below this
+
+    def __post_init__(self) -> None:
+        if not (self.C > 0 and math.isfinite(self.C)):
+            raise ConfigError(f"probe.C: expected a positive finite number, got {self.C}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"probe.val_fraction: expected a number in (0, 1), got {self.val_fraction}")
+        if self.folds < 1:
+            raise ConfigError(f"probe.folds: expected 1 (single split) or k >= 2, got {self.folds}")
+        if self.max_iter < 1 or self.tol <= 0:
+            raise ConfigError(f"probe: max_iter must be >= 1 and tol > 0, got {self.max_iter}, {self.tol}")
+
+
+def _fit_logistic(x, y, weight, C, standardize, max_iter, tol):
+    """One head: Newton's method with backtracking on the weighted, L2-penalised log-loss.
+
+    x [N, D], y [N] in {0, 1}, weight [N] (0 excludes an example). Returns raw-space
+    (w [D], b []), decision values [N] for every example, iterations, converged.
+    """
+    n = jnp.sum(weight)
+    mean = weight @ x / n
+    std = jnp.sqrt(weight @ jnp.square(x - mean) / n)
+    std = jnp.where(std > 1e-12 * (1.0 + jnp.abs(mean)), std, 1.0)
+    design = jnp.concatenate([jnp.ones_like(x[:, :1]), (x - mean) / std], axis=1)  # [N, D+1]
+    # sklearn: 0.5 |w_raw|^2 + C sum loss; divided by C n. In standardised units w_raw = beta / std.
+    penalty = jnp.where(standardize, jnp.ones_like(std), 1.0 / jnp.square(std)) / (C * n)
+    penalty = jnp.concatenate([jnp.zeros((1,), x.dtype), penalty])
+    w = weight / n
+
+    def objective(theta):
+        z = design @ theta
+        return w @ (jax.nn.softplus(z) - y * z) + 0.5 * penalty @ jnp.square(theta)
+
+    def newton_step(state):
+        theta, i, _, _ = state
+        z = design @ theta
+        p = jax.nn.sigmoid(z)
+        grad = design.T @ (w * (p - y)) + penalty * theta
+        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + jnp.diag(penalty)
+        hess = hess + 1e-7 * jnp.mean(jnp.diag(hess)) * jnp.eye(hess.shape[0], dtype=hess.dtype)
+        direction = -jnp.linalg.solve(hess, grad)
+        slope = grad @ direction  # = -(Newton decrement)^2
+        f0 = objective(theta)
+        slack = 4.0 * jnp.finfo(x.dtype).eps * jnp.abs(f0)
+
+        def too_far(t):
+            return (objective(theta + t * direction) > f0 + 1e-4 * t * slope + slack) & (t > 1e-3)
+
+        t = jax.lax.while_loop(too_far, lambda t: 0.5 * t, jnp.ones((), x.dtype))
+        return theta + t * direction, i + 1, -0.5 * slope, -0.5 * slope <= tol
+
+    def keep_going(state):
+        _, i, _, converged = state
+        return (i < max_iter) & ~converged
+
+    init = (jnp.zeros(design.shape[1], x.dtype), jnp.zeros((), jnp.int32), jnp.inf, jnp.zeros((), bool))
+    theta, iterations, _, converged = jax.lax.while_loop(keep_going, newton_step, init)
+    coef = theta[1:] / std
+    intercept = theta[0] - coef @ mean
+    return coef, intercept, design @ theta, iterations, converged
+
+
+_fit_heads = jax.jit(jax.vmap(_fit_logistic, in_axes=(0, None, None, None, None, None, None)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadFits:
+    """Logistic fits of G heads: raw-space ``coef`` [G, D], ``intercept`` [G], ``scores`` [G, N]."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    scores: np.ndarray
+    iterations: np.ndarray
+    converged: np.ndarray
+
+
+def _heads_per_chunk(n: int, d: int, total: int, budget_bytes: int = 1 << 30) -> int:
+    return max(1, min(total, budget_bytes // max(1, 16 * n * (d + 1))))
+
+
+def fit_logistic_heads(
+    features: np.ndarray,
+    labels: np.ndarray,
+    train_mask: np.ndarray | None = None,
+    *,
+    C: float = 1.0,
+    standardize: bool = False,
+    max_iter: int = 50,
+    tol: float = 1e-9,
+    heads_per_chunk: int | None = None,
+) -> HeadFits:
+    """Fit one logistic regression per head on ``features`` [N, G, D] (rows in ``train_mask``).
+
+    Heads go through the jitted, vmapped solver in equal chunks (the last padded) so
+    memory stays bounded and one compile serves all chunks; ``scores`` are decision
+    values for every row (train and held-out).
+    """
+    n, g, d = features.shape
+    y = jnp.asarray(labels, jnp.float32)
+    weight = jnp.asarray(np.ones(n) if train_mask is None else train_mask, jnp.float32)
+    chunk = heads_per_chunk or _heads_per_chunk(n, d, g)
+    parts = []
+    for start in range(0, g, chunk):
+        block = np.asarray(features[:, start : start + chunk], np.float32).transpose(1, 0, 2)
+        real = block.shape[0]
+        if real < chunk:
+            block = np.concatenate([block, np.zeros((chunk - real, n, d), np.float32)])
+        out = _fit_heads(
+            jnp.asarray(block), y, weight, jnp.float32(C), jnp.asarray(standardize), jnp.int32(max_iter), jnp.float32(tol)
+        )
+        parts.append([np.asarray(a)[:real] for a in out])
+    coef, intercept, scores, iterations, converged = (np.concatenate(col) for col in zip(*parts))
+    return HeadFits(coef, intercept, scores, iterations, converged)
+
+
+def auc_scores(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of ``scores`` [G, M] (Mann-Whitney, ties counted half)."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(labels) == 1
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    ranks = rankdata(scores, axis=-1)
+    return (ranks[:, positive].sum(axis=-1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def accuracy_scores(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy per row of decision values [G, M] (predict 1 where the score is positive)."""
+    return ((scores > 0) == (np.asarray(labels) == 1)).mean(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Probing all heads
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """Per-head probes: validation metrics [L, H], activation-space weights [L, H, D], ranking."""
+
+    accuracy: np.ndarray  # [L, H] validation accuracy (mean over folds with k-fold)
+    auc: np.ndarray  # [L, H] validation ROC AUC
+    train_accuracy: np.ndarray  # [L, H] accuracy of the reported weights on their training rows
+    weights: np.ndarray  # [L, H, D] in activation space
+    intercepts: np.ndarray  # [L, H]
+    ranking: tuple[tuple[int, int], ...]  # (layer, head), best first
+    n_train: int
+    n_val: int
+    train_index: np.ndarray  # rows the weights were fitted on
+    val_index: np.ndarray  # validation rows (all rows with k-fold: each validated once)
+    config: ProbeConfig
+    converged: np.ndarray  # [L, H] bool (for the reported weights)
+    accuracy_std: np.ndarray | None = None  # [L, H] across folds (k-fold only)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.accuracy.shape  # type: ignore[return-value]
+
+    def top_heads(self, k: int) -> list[tuple[int, int]]:
+        return list(self.ranking[:k])
+
+    def head_mask(self, k: int) -> np.ndarray:
+        """[L, H] bool: the ``k`` best heads."""
+        mask = np.zeros(self.shape, bool)
+        for layer, head in self.top_heads(k):
+            mask[layer, head] = True
+        return mask
+
+    def scores(self, activations: np.ndarray) -> np.ndarray:
+        """Decision values [N, L, H] of every head's probe on activations [N, L, H, D]."""
+        return np.einsum("nlhd,lhd->nlh", np.asarray(activations, np.float32), self.weights) + self.intercepts
+
+    def report(self, metadata: dict | None = None) -> dict:
+        acc = self.accuracy
+        data = {
+            "accuracy": acc.tolist(),
+            "auc": self.auc.tolist(),
+            "train_accuracy": self.train_accuracy.tolist(),
+            "ranking": [list(pair) for pair in self.ranking],
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_layers": acc.shape[0],
+            "n_heads": acc.shape[1],
+            "head_dim": self.weights.shape[-1],
+            "summary": {
+                "mean_accuracy": float(acc.mean()),
+                "max_accuracy": float(acc.max()),
+                "mean_auc": float(self.auc.mean()),
+                "converged_fraction": float(self.converged.mean()),
+            },
+            "settings": to_dict(self.config),
+        }
+        if self.accuracy_std is not None:
+            data["accuracy_std"] = self.accuracy_std.tolist()
+        if metadata:
+            data["metadata"] = metadata
+        return data
+
+    def save_report(
+        self, out_dir: str | os.PathLike, *, title: str | None = None, metadata: dict | None = None
+    ) -> dict[str, Path]:
+        """Write ``probe_report.json``, ``probe_heatmap.png`` and ``probe_weights.npz`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"report": out / REPORT_FILE, "heatmap": out / HEATMAP_FILE, "weights": out / WEIGHTS_FILE}
+        paths["report"].write_text(json.dumps(self.report(metadata), indent=1), encoding="utf-8")
+        plot_heatmap(self.accuracy, paths["heatmap"], title=title or f"probe accuracy (n_val={self.n_val})")
+        arrays = {
+            "accuracy": self.accuracy,
+            "auc": self.auc,
+            "train_accuracy": self.train_accuracy,
+            "weights": self.weights,
+            "intercepts": self.intercepts,
+            "ranking": np.asarray(self.ranking, np.int32),
+            "train_index": self.train_index,
+            "val_index": self.val_index,
+            "converged": self.converged,
+        }
+        if self.accuracy_std is not None:
+            arrays["accuracy_std"] = self.accuracy_std
+        np.savez(paths["weights"], **arrays)
+        return paths
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> "ProbeResult":
+        """Read back what ``save_report`` wrote."""
+        out = Path(out_dir)
+        try:
+            report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+            arrays = np.load(out / WEIGHTS_FILE, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{out}: not a probe report directory ({err})") from None
+        return cls(
+            accuracy=arrays["accuracy"],
+            auc=arrays["auc"],
+            train_accuracy=arrays["train_accuracy"],
+            weights=arrays["weights"],
+            intercepts=arrays["intercepts"],
+            ranking=tuple(tuple(int(v) for v in pair) for pair in arrays["ranking"]),
+            n_train=int(report["n_train"]),
+            n_val=int(report["n_val"]),
+            train_index=arrays["train_index"],
+            val_index=arrays["val_index"],
+            config=ProbeConfig(**report["settings"]),
+            converged=arrays["converged"],
+            accuracy_std=arrays["accuracy_std"] if "accuracy_std" in arrays else None,
+        )
+
+
+def rank_heads(accuracy: np.ndarray, auc: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(layer, head) sorted by accuracy, then AUC (both descending), then position."""
+    layers, heads = np.indices(accuracy.shape)
+    order = np.lexsort((heads.ravel(), layers.ravel(), -auc.ravel(), -accuracy.ravel()))
+    return tuple((int(layers.ravel()[i]), int(heads.ravel()[i])) for i in order)
+
+
+def train_probes(activations: np.ndarray, labels: np.ndarray, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+    """Fit and validate a probe for every head of ``activations`` [N, L, H, D] (labels [N] in {0, 1})."""
+    activations = np.asarray(activations) if not isinstance(activations, np.memmap) else activations
+    if activations.ndim != 4:
+        raise ValueError(f"activations must be [N, L, H, D], got shape {activations.shape}")
+    labels = _check_labels(labels)
+    n, n_layers, n_heads, d = activations.shape
+    if len(labels) != n:
+        raise ValueError(f"{n} activation rows but {len(labels)} labels")
+    features = activations.reshape(n, n_layers * n_heads, d)
+    fit = functools.partial(
+        fit_logistic_heads, features, labels, C=config.C, standardize=config.standardize,
+        max_iter=config.max_iter, tol=config.tol,
+    )
+    grid = (n_layers, n_heads)
+
+    def mask_of(index: np.ndarray) -> np.ndarray:
+        mask = np.zeros(n, bool)
+        mask[index] = True
+        return mask
+
+    if config.folds == 1:
+        train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+        final = fit(mask_of(train_idx))
+        accuracy = accuracy_scores(final.scores[:, val_idx], labels[val_idx])
+        auc = auc_scores(final.scores[:, val_idx], labels[val_idx])
+        accuracy_std = None
+    else:
+        per_fold_acc, per_fold_auc = [], []
+        for val_idx in stratified_folds(labels, config.folds, config.seed):
+            fold = fit(~mask_of(val_idx))
+            per_fold_acc.append(accuracy_scores(fold.scores[:, val_idx], labels[val_idx]))
+            per_fold_auc.append(auc_scores(fold.scores[:, val_idx], labels[val_idx]))
+        accuracy, auc = np.mean(per_fold_acc, axis=0), np.mean(per_fold_auc, axis=0)
+        accuracy_std = np.std(per_fold_acc, axis=0).reshape(grid)
+        train_idx = val_idx = np.arange(n)
+        final = fit(None)
+    accuracy, auc = accuracy.reshape(grid), auc.reshape(grid)
+    return ProbeResult(
+        accuracy=accuracy,
+        auc=auc,
+        train_accuracy=accuracy_scores(final.scores[:, train_idx], labels[train_idx]).reshape(grid),
+        weights=final.coef.reshape(n_layers, n_heads, d),
+        intercepts=final.intercept.reshape(grid),
+        ranking=rank_heads(accuracy, auc),
+        n_train=len(train_idx),
+        n_val=len(val_idx),
+        train_index=train_idx,
+        val_index=val_idx,
+        config=config,
+        converged=final.converged.reshape(grid),
+        accuracy_std=accuracy_std,
+    )
+
+
+def plot_heatmap(accuracy: np.ndarray, path: str | os.PathLike, *, title: str = "probe accuracy") -> Path:
+    """Layer x head heatmap of ``accuracy`` [L, H] as a PNG (Agg canvas, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_layers, n_heads = accuracy.shape
+    fig = Figure(figsize=(max(4.0, 0.35 * n_heads + 2.0), max(3.0, 0.3 * n_layers + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(accuracy, origin="lower", aspect="auto", cmap="viridis")
+    if n_heads <= 32 and n_layers <= 48:
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
