@@ -1,0 +1,341 @@
+"""Batched generation with the KV cache: a jitted prefill, then a jitted ``lax.while_loop`` decode.
+
+``generate(config, params, tokens, max_new_tokens=..., ...)`` takes a left-padded batch of
+prompts (``prompt_mask`` or ``prompt_lengths`` say which tokens are real; ``left_pad`` builds
+one from Python lists) and returns ``Generation(tokens [B, N], lengths [B], logprobs)``.
+
+Programs: one prefill and one decode loop per (batch, prompt length, ``max_new_tokens``,
+sampling settings, intervention mode). The intervention is an ordinary array argument;
+without one a zero intervention is passed, so baseline and intervened runs, and every alpha,
+share the compiled programs. The decode state (cache included) is donated to the loop.
+
+Padding: pad slots get segment id 0 in the cache, so nothing attends to them, and positions
+count real tokens only (a row's first real token is position 0), so a row's continuation
+does not depend on how much it was padded. A row stops after emitting ``eos_id``; its later
+slots hold ``pad_id``. Sampling is seeded: the key for step ``i`` is ``fold_in(rng, i)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxlm.config import ModelConfig
+from jaxlm.intervene import Intervention
+from jaxlm.model import KVCache, Params, forward, init_cache
+
+Array = jax.Array
+
+# Times each jitted program body was traced (= compiled), by name; see ``trace_counts``.
+_TRACES: collections.Counter = collections.Counter()
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments; the message names the argument."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """The static part of a generation call (a change compiles new programs)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: smallest set of tokens with probability >= top_p (1: off)
+    top_k: int = 0  # only the k most likely tokens (0: off)
+    eos_id: int | None = None
+    pad_id: int = 0
+    return_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@struct.dataclass
+class Generation:
+    """What ``generate`` returns."""
+
+    tokens: Array  # [B, N] int32: generated tokens; pad_id after a row's eos (or early stop)
+    lengths: Array  # [B] int32: generated tokens per row, eos included
+    logprobs: Array | None = None  # [B, N] float32: log p(token) under the model; 0 at pads
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's generated ids, up to and including its eos."""
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+        return [row[:n].tolist() for row, n in zip(tokens, lengths)]
+
+
+@struct.dataclass
+class DecodeState:
+    """The ``lax.while_loop`` carry."""
+
+    cache: KVCache
+    tokens: Array  # [B, N] int32 output buffer
+    logprobs: Array  # [B, N] float32
+    last: Array  # [B] int32: the token to feed next
+    lengths: Array  # [B] int32
+    done: Array  # [B] bool: the row has emitted eos
+    step: Array  # [] int32: the output column written next
+    rng: Array  # PRNG key
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into ``(tokens [B, P] int32, prompt_mask [B, P] bool)``.
+
+    ``P`` is ``length`` or the longest sequence, rounded up to ``multiple`` (fewer distinct
+    shapes, fewer compiles). Sequences longer than ``length`` keep their last tokens.
+    """
+    if not sequences:
+        raise GenerationError("left_pad: no sequences")
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise GenerationError(f"left_pad: sequence {i} is empty (a prompt needs at least one token)")
+    longest = max(len(s) for s in sequences)
+    p = length if length is not None else longest
+    p = -(-p // multiple) * multiple
+    tokens = np.full((len(sequences), p), pad_id, np.int32)
+    mask = np.zeros((len(sequences), p), bool)
+    for i, seq in enumerate(sequences):
+        seq = list(seq)[-p:]
+        tokens[i, p - len(seq):] = seq
+        mask[i, p - len(seq):] = True
+    return tokens, mask
+
+
+def _prompt_mask(tokens: Array, prompt_mask: Array | None, prompt_lengths: Array | None) -> Array:
+    b, p = tokens.shape
+    if prompt_mask is not None and prompt_lengths is not None:
+        raise GenerationError("give prompt_mask or prompt_lengths, not both")
+    if prompt_lengths is not None:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (b,):
+            raise GenerationError(f"prompt_lengths: expected shape ({b},), got {lengths.shape}")
+        if (lengths < 1).any() or (lengths > p).any():
+            raise GenerationError(f"prompt_lengths: expected 1..{p} per row, got {lengths.tolist()}")
+        return jnp.asarray(np.arange(p)[None, :] >= (p - lengths)[:, None])
+    if prompt_mask is None:
+        return jnp.ones((b, p), bool)
+    mask = np.asarray(prompt_mask).astype(bool)
+    if mask.shape != (b, p):
+        raise GenerationError(f"prompt_mask: expected shape {(b, p)} like tokens, got {mask.shape}")
+    if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise GenerationError(
+            "prompt_mask: prompts must be left-padded (padding first, then one run of real tokens "
+            "ending at the last column); use jaxlm.decode.left_pad"
+        )
+    return jnp.asarray(mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+
+def sample_tokens(logits: Array, rng: Array, settings: SamplingSettings) -> Array:
+    """[B] next tokens from [B, V] logits: greedy, or temperature sampling after top-k then top-p filtering."""
+    if settings.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / settings.temperature
+    vocab = logits.shape[-1]
+    if settings.top_k == 0 and settings.top_p >= 1.0:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if settings.top_k > 0:  # candidates sorted by decreasing logit
+        values, ids = jax.lax.top_k(logits, min(settings.top_k, vocab))
+    else:
+        ids = jnp.argsort(-logits, axis=-1)
+        values = jnp.take_along_axis(logits, ids, axis=-1)
+    if settings.top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely candidates
+        keep = (before < settings.top_p).at[:, 0].set(True)
+        values = jnp.where(keep, values, -jnp.inf)
+    choice = jax.random.categorical(rng, values, axis=-1)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _emit(state: DecodeState, logits: Array, settings: SamplingSettings) -> DecodeState:
+    """Choose column ``state.step``'s tokens from ``logits`` [B, V] and advance."""
+    key = jax.random.fold_in(state.rng, state.step)
+    token = sample_tokens(logits, key, settings)
+    token = jnp.where(state.done, settings.pad_id, token)
+    column = (0, state.step)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], column)
+    logprobs = state.logprobs
+    if settings.return_logprobs:
+        chosen = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], axis=-1)
+        logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(state.done[:, None], 0.0, chosen), column)
+    lengths = state.lengths + (~state.done).astype(jnp.int32)
+    done = state.done
+    if settings.eos_id is not None:
+        done = done | (token == settings.eos_id)
+    return state.replace(tokens=tokens, logprobs=logprobs, last=token, lengths=lengths, done=done, step=state.step + 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Jitted programs
+# ---------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings"))
+def prefill(
+    params: Params,
+    tokens: Array,
+    prompt_mask: Array,
+    intervention: Intervention | None,
+    rng: Array,
+    *,
+    config: ModelConfig,
+    settings: SamplingSettings,
+) -> DecodeState:
+    """Run the prompts through the model into a fresh cache and choose the first new token.
+
+    ``intervention=None`` compiles a program without the intervention site (``generate``
+    never does: it passes a zero intervention so that every alpha shares one program).
+    """
+    _TRACES["prefill"] += 1
+    b, p = tokens.shape
+    n = settings.max_new_tokens
+    cache = init_cache(config, b, p + n)
+    out = forward(
+        config,
+        params,
+        tokens,
+        segment_ids=prompt_mask.astype(jnp.int32),
+        cache=cache,
+        intervention=None if intervention is None else intervention.for_prefill(prompt_mask),
+    )
+    state = DecodeState(
+        cache=out.cache,
+        tokens=jnp.full((b, n), settings.pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, n), jnp.float32),
+        last=jnp.zeros((b,), jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+    )
+    return _emit(state, out.logits[:, -1], settings)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
+def decode(
+    params: Params,
+    state: DecodeState,
+    intervention: Intervention | None,
+    *,
+    config: ModelConfig,
+    settings: SamplingSettings,
+) -> DecodeState:
+    """Generate until every row is done or ``max_new_tokens`` columns are filled."""
+    _TRACES["decode"] += 1
+    b = state.last.shape[0]
+    step_intervention = None if intervention is None else intervention.for_decode_step(b)
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def unfinished(s: DecodeState) -> Array:
+        return (s.step < settings.max_new_tokens) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        out = forward(config, params, s.last[:, None], segment_ids=ones, cache=s.cache, intervention=step_intervention)
+        return _emit(s.replace(cache=out.cache), out.logits[:, 0], settings)
+
+    return jax.lax.while_loop(unfinished, step, state)
+
+
+def trace_counts() -> dict[str, int]:
+    """How often each jitted program (``prefill``, ``decode``) was traced, i.e. compiled, so far."""
+    return dict(_TRACES)
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def generate(
+    config: ModelConfig,
+    params: Params,
+    tokens: Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    intervention: Intervention | None = None,
+    rng: Array | int | None = None,
+    prompt_mask: Array | None = None,
+    prompt_lengths: Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    return_logprobs: bool = False,
+) -> Generation:
+    """Continue each prompt of ``tokens`` [B, P] by up to ``max_new_tokens`` tokens.
+
+    Prompts are left-padded: ``prompt_mask`` [B, P] (True = real token) or ``prompt_lengths``
+    [B] (real tokens are the last ones of each row); neither means no padding.
+    ``temperature`` 0 is greedy; otherwise ``rng`` (a key or an int seed) is required.
+    ``intervention``: an ``Intervention`` (ITI) applied per its position mode; its alpha
+    and arrays may change between calls without recompiling.
+    """
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        eos_id=eos_id,
+        pad_id=pad_id,
+        return_logprobs=return_logprobs,
+    )
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise GenerationError(f"tokens: expected shape [batch, prompt_length >= 1], got {tuple(tokens.shape)}")
+    if tokens.shape[1] + max_new_tokens > config.max_seq_len:
+        raise GenerationError(
+            f"prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+            f"the model's max_seq_len {config.max_seq_len}"
+        )
+    mask = _prompt_mask(tokens, prompt_mask, prompt_lengths)
+    if rng is None:
+        if not settings.greedy:
+            raise GenerationError("rng: sampling (temperature > 0) needs a PRNG key or an int seed")
+        rng = 0
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    if intervention is None:
+        intervention = Intervention.zeros(config)
+    else:
+        intervention.check_compatible(config)
+        intervention = Intervention.create(
+            intervention.directions, intervention.scales, intervention.head_mask, intervention.alpha,
+            intervention.position_mode,
+        )
+    state = prefill(params, tokens, mask, intervention, rng, config=config, settings=settings)
+    if max_new_tokens > 1:
+        state = decode(params, state, intervention, config=config, settings=settings)
+    return Generation(
+        tokens=state.tokens, lengths=state.lengths, logprobs=state.logprobs if return_logprobs else None
+    )
