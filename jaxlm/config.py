@@ -267,6 +267,9 @@ class ModelConfig:
     mlp_hidden: int = 8192
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    # "rope": rotary (OLMo); "learned": a trained [max_seq_len, d_model] table added to the
+    # token embedding; "none": no position signal beyond the causal mask.
+    position_embedding: Literal["rope", "learned", "none"] = "rope"
     norm: Literal["nonparametric", "layernorm", "rmsnorm"] = "nonparametric"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -288,7 +291,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_kv_heads: expected a positive divisor of n_heads ({self.n_heads}), got {self.n_kv_heads}"
             )
-        if self.resolved_head_dim % 2:
+        if self.position_embedding == "rope" and self.resolved_head_dim % 2:
             raise ConfigError(f"model.head_dim: RoPE needs an even head dimension, got {self.resolved_head_dim}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta: expected a positive number, got {self.rope_theta}")
@@ -307,6 +310,8 @@ class ModelConfig:
         mlp = 3 * d * f
         norms = 0 if self.norm == "nonparametric" else (2 if self.norm == "layernorm" else 1) * d * (2 * self.n_layers + 1)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.position_embedding == "learned":
+            embed += self.max_seq_len * d
         return self.n_layers * (attn + mlp) + norms + (embed if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

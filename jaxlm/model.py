@@ -145,8 +145,9 @@ class Attention(nn.Module):
         q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype))
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        if cfg.position_embedding == "rope":
+            q = rope(q, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg.rope_theta)
 
         new_cache = None
         if layer_cache is not None:
@@ -274,6 +275,11 @@ class Transformer(nn.Module):
 
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _normal(cfg.init_std))
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if cfg.position_embedding == "learned":
+            table = _param(
+                self, "position_embedding", (cfg.max_seq_len, cfg.d_model), ("position", "embed"), _normal(cfg.init_std)
+            )
+            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(dtype)
         x = nn.with_logical_constraint(x, _RESID_AXES)
 
         if intervention is None:

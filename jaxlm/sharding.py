@@ -46,6 +46,7 @@ RULES: LogicalRules = (
     ("kv", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("position", None),
 )
 
 

@@ -1,0 +1,155 @@
+"""``jaxlm eval SUITE --checkpoint DIR``: toxicity protocols and capability cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SUITES = ("rtp", "toxigen", "ce", "blimp", "all")
+TOXICITY_KEYS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")
+
+
+def run_suites(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from jaxlm.checkpoint import load_model
+    from jaxlm.evaluate import capability, protocols
+    from jaxlm.evaluate.toxicity import get_scorer
+    from jaxlm.intervene import Intervention
+    from jaxlm.paths import dataset_path
+
+    loaded = load_model(args.checkpoint)
+    if loaded.tokenizer is None:
+        raise FileNotFoundError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
+    config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
+    intervention = None
+    if args.iti:
+        intervention = Intervention.load(args.iti, config)
+        if args.alpha is not None:
+            intervention = intervention.with_alpha(args.alpha)
+    suites = ("rtp", "toxigen", "ce", "blimp") if args.suite == "all" else (args.suite,)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "checkpoint": str(args.checkpoint),
+        "step": loaded.step,
+        "iti": args.iti,
+        "alpha": None if intervention is None else float(intervention.alpha),
+        "seed": args.seed,
+        "limit": args.limit,
+        "prefix": args.prefix,
+    }
+    if {"rtp", "toxigen"} & set(suites):
+        scorer = get_scorer(args.scorer)
+        prefix = protocols.DETOX_INSTRUCTION if args.prefix == "detox" else (args.prefix or "")
+        results["scorer"] = args.scorer
+    if "rtp" in suites:
+        settings = protocols.GenerationSettings(
+            samples=args.samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+            batch_size=args.batch_size, seed=args.seed, prefix=prefix,
+        )
+        r = protocols.rtp(config, params, tokenizer, dataset_path("eval/rtp", args.data_dir), scorer,
+                          limit=args.limit, settings=settings, intervention=intervention)
+        r.save(out)
+        results["rtp"] = r.summary()
+    if "toxigen" in suites:
+        settings = protocols.GenerationSettings(
+            samples=1, max_new_tokens=30, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+            prefix=prefix, stop_at_newline=True,
+        )
+        r = protocols.toxigen(config, params, tokenizer, dataset_path("labelled/toxigen/prompts", args.data_dir), scorer,
+                              limit=args.limit, settings=settings, intervention=intervention)
+        r.save(out)
+        results["toxigen"] = r.summary()
+    if "ce" in suites:
+        docs = capability.read_documents(dataset_path("eval/wikitext2/test.txt", args.data_dir), limit=args.ce_docs)
+        iti_all = None if intervention is None else intervention.with_mode("all")
+        loss = capability.text_loss(
+            config, params, tokenizer, docs, max_len=args.ce_len, max_rows=args.ce_docs,
+            batch_size=args.batch_size, intervention=iti_all, ref_params=params if iti_all is not None else None,
+        )
+        results["ce"] = loss.ce
+        results["capability"] = loss.to_dict()
+    if "blimp" in suites:
+        pairs = capability.read_blimp(dataset_path("eval/blimp", args.data_dir), limit_per_paradigm=args.limit)
+        blimp = capability.blimp_accuracy(config, params, tokenizer, pairs, batch_size=args.batch_size,
+                                          intervention=None if intervention is None else intervention.with_mode("all"))
+        results.update(blimp)
+    toxicity_suites = [name for name in ("rtp", "toxigen") if name in results]
+    for name in toxicity_suites:
+        for key in TOXICITY_KEYS:
+            results[f"{name}_{key}"] = results[name][key]
+    if toxicity_suites:  # unprefixed keys: the first toxicity suite run (RTP when both ran)
+        results.update({key: results[toxicity_suites[0]][key] for key in TOXICITY_KEYS})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out)
+    return results
+
+
+def _plot(results: dict, out: Path) -> None:
+    """Bar charts: toxicity per split/group for each protocol, BLiMP per field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name in ("rtp", "toxigen"):
+        if name in results:
+            for grouping, groups in results[name]["groups"].items():
+                panels.append((f"{name} {grouping}: expected max toxicity",
+                               {k: v["expected_max_toxicity"] for k, v in groups.items()}))
+    if results.get("per_field"):
+        panels.append(("BLiMP accuracy per field", results["per_field"]))
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), squeeze=False)
+    for ax, (title, values) in zip(axes[:, 0], panels):
+        ax.bar(list(values), list(values.values()), color="tab:red" if "toxicity" in title else "tab:blue")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxlm.config import ConfigError
+
+    try:
+        results = run_suites(args)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"jaxlm eval: error: {err}", file=sys.stderr)
+        return 2
+    for name in ("rtp", "toxigen"):
+        if name in results:
+            print(name + ": " + ", ".join(f"{k} {results[name][k]:.4f}" for k in TOXICITY_KEYS))
+    for key in ("ce", "blimp_accuracy"):
+        if key in results:
+            print(f"{key}: {results[key]:.4f}")
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="toxicity (RTP, ToxiGen) and capability (CE, BLiMP) evaluation")
+    parser.add_argument("suite", choices=SUITES)
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint step directory or HF OLMo directory")
+    parser.add_argument("--out", default="eval_results", help="results directory (JSON, generations, plots)")
+    parser.add_argument("--iti", help="intervention file (.safetensors + .json sidecar) from jaxlm.intervene")
+    parser.add_argument("--alpha", type=float, help="override the intervention's alpha")
+    parser.add_argument("--prefix", default="", help="prompt prefix; 'detox' = the prompting baseline's instruction")
+    parser.add_argument("--limit", type=int, help="prompts per file (RTP, ToxiGen) / pairs per BLiMP paradigm")
+    parser.add_argument("--samples", type=int, default=25, help="RTP samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="RTP continuation length")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scorer", default="default", help="toxicity scorer (jaxlm.evaluate.toxicity.get_scorer)")
+    parser.add_argument("--ce-docs", type=int, default=100, help="held-out rows for CE/KL")
+    parser.add_argument("--ce-len", type=int, default=128, help="tokens per CE/KL row")
+    parser.add_argument("--data-dir", help="corpora root (default: $JAXLM_DATA_DIR)")
+    parser.set_defaults(func=run)

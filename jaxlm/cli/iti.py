@@ -1,0 +1,53 @@
+"""``jaxlm iti --probe-dir DIR --out FILE``: build an ITI intervention from `jaxlm probe` output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build(probe_dir: Path, k: int, alpha: float, direction: str, position_mode: str, seed: int):
+    """The intervention for the ``k`` most accurate heads of a probe run (activations + labels + report)."""
+    import numpy as np
+
+    from jaxlm.intervene import Intervention
+    from jaxlm.probe import ProbeResult
+
+    for name in ("activations.npy", "labels.npy"):
+        if not (probe_dir / name).exists():
+            raise FileNotFoundError(f"{probe_dir / name}: missing (run `jaxlm probe ... --out {probe_dir}` first)")
+    result = ProbeResult.load(probe_dir)
+    acts = np.load(probe_dir / "activations.npy", mmap_mode="r")
+    labels = np.load(probe_dir / "labels.npy")
+    return Intervention.from_activations(
+        acts, labels, result.accuracy, k, alpha, position_mode, direction,
+        wanted_label=0, probe_weights=result.weights if direction == "probe" else None, key=seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxlm.intervene import InterventionError
+
+    probe_dir = Path(args.probe_dir)
+    try:
+        intervention = build(probe_dir, args.k, args.alpha, args.direction, args.position_mode, args.seed)
+    except (FileNotFoundError, ValueError, InterventionError) as err:
+        print(f"jaxlm iti: error: {err}", file=sys.stderr)
+        return 2
+    provenance = {"probe_dir": str(probe_dir), "direction": args.direction, "k": args.k, "seed": args.seed}
+    path = intervention.save(args.out, provenance=provenance)
+    print(f"ITI on {intervention.k} heads, alpha {float(intervention.alpha)}, mode {intervention.position_mode}: {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("iti", help="build an ITI intervention file from `jaxlm probe` output")
+    parser.add_argument("--probe-dir", required=True, help="output directory of `jaxlm probe`")
+    parser.add_argument("--out", required=True, help="intervention file to write (.safetensors + .json sidecar)")
+    parser.add_argument("--k", type=int, default=30, help="number of heads (top K by probe accuracy)")
+    parser.add_argument("--alpha", type=float, default=8.0, help="strength in units of sigma")
+    parser.add_argument("--direction", default="mass_mean", choices=("mass_mean", "probe", "random"))
+    parser.add_argument("--position-mode", default="last", choices=("last", "all", "generated"))
+    parser.add_argument("--seed", type=int, default=0, help="seed for random directions (ablation)")
+    parser.set_defaults(func=run)
