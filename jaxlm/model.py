@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 
@@ -82,6 +83,19 @@ def _normal(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
 
 
+def dense(x: Array, w: Array, in_dims: int = 1) -> Array:
+    """Contract the last ``in_dims`` axes of ``x`` with the first ``in_dims`` axes of ``w``.
+
+    Written as one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot several times
+    faster than that of the equivalent multi-axis einsum (see docs/benchmarks.md).
+    """
+    lead, contract = x.shape[: x.ndim - in_dims], x.shape[x.ndim - in_dims :]
+    out = w.shape[in_dims:]
+    k = int(np.prod(contract))
+    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    return y.reshape(*lead, *out)
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init: Callable) -> Array:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
@@ -128,6 +142,27 @@ def attention_mask(q_slots: Array, q_segments: Array, kv_segments: Array) -> Arr
     return causal & same & (kv_segments[:, None, :] != 0)
 
 
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention (fp32 logits): q [B, T, H, D], k/v [B, S, H_kv, D], mask [B, T, S] -> [B, T, H, D].
+
+    Query heads are grouped onto key/value heads (GQA) only when there are fewer of those:
+    the plain 4-D layout is faster on CPU.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    scale = 1.0 / np.sqrt(d)
+    if kv == h:
+        logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+        logits = jnp.where(mask[:, None], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+    qg = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -142,9 +177,7 @@ class Attention(nn.Module):
         wv = _param(self, "v", (cfg.d_model, kv, d), ("embed", "kv_heads", "kv"), init)
         wo = _param(self, "out", (h, d, cfg.d_model), ("heads", "kv", "embed"), init)
 
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype))
+        q, k, v = dense(x, wq), dense(x, wk), dense(x, wv)
         if cfg.position_embedding == "rope":
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
@@ -157,14 +190,7 @@ class Attention(nn.Module):
             new_cache = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
 
-        b, t = q.shape[:2]
-        groups = h // kv
-        qg = q.reshape(b, t, kv, groups, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
-        mask = attention_mask(q_slots, q_segments, kv_segments)
-        logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        head_out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        head_out = attend(q, k, v, attention_mask(q_slots, q_segments, kv_segments))
         head_out = nn.with_logical_constraint(
             head_out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         )
@@ -173,7 +199,7 @@ class Attention(nn.Module):
             delta = scale * position_mask[:, :, None, None].astype(jnp.float32) * shift_l[None, None]
             head_out = head_out + delta.astype(head_out.dtype)
 
-        out = jnp.einsum("bthk,hkd->btd", head_out, wo.astype(dtype))
+        out = dense(head_out, wo, in_dims=2)
         if self.has_variable("params", "out_bias"):  # only in params baked by jaxlm.intervene
             out = out + self.get_variable("params", "out_bias").astype(dtype)
         return out, head_out, new_cache
@@ -185,17 +211,15 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dtype = _dtype(cfg.dtype)
         init = _normal(cfg.init_std)
         w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
         w_up = _param(self, "up", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
         w_down = _param(self, "down", (cfg.mlp_hidden, cfg.d_model), ("mlp", "embed"), init)
-        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(dtype))
-        up = jnp.einsum("btd,df->btf", x, w_up.astype(dtype))
+        gate, up = dense(x, w_gate), dense(x, w_up)
         hidden = nn.with_logical_constraint(
             jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
         )
-        return jnp.einsum("btf,fd->btd", hidden, w_down.astype(dtype))
+        return dense(hidden, w_down)
 
 
 _RESID_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -306,10 +330,10 @@ class Transformer(nn.Module):
 
         x = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype))
+            logits = dense(x, embedding.T)
         else:
             head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _normal(cfg.init_std))
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
+            logits = dense(x, head)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
         )
