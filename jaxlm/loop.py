@@ -209,11 +209,11 @@ def preemption_signals() -> Iterator[dict]:
 def _eval_batches(eval_set: EvalSetConfig, tokenizer, seq_len: int, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Fixed held-out batches: ``seq_len`` windows of one token stream (documents separated by EOS)."""
     from jaxlm.data.records import iter_prepared_tokens
-    from jaxlm.data.sources import open_text
+    from jaxlm.data.sources import read_text
 
     need = eval_set.max_sequences * seq_len
     if eval_set.kind == "text":
-        text = open_text(Path(eval_set.path))
+        text = read_text(Path(eval_set.path))
         stream = np.asarray(tokenizer.encode(text), np.int32)[:need]
     elif eval_set.kind == "prepared":
         stream = iter_prepared_tokens(Path(eval_set.path), need)

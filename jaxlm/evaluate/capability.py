@@ -9,7 +9,6 @@ handful of programs). An ITI ``Intervention`` is applied at every real position 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import re
 from collections import defaultdict
@@ -23,6 +22,7 @@ import numpy as np
 
 from jaxlm import model as model_lib
 from jaxlm.config import ModelConfig
+from jaxlm.data.sources import read_text
 
 Params = Any
 
@@ -112,11 +112,7 @@ def detokenize_wikitext(text: str) -> str:
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
     """Held-out documents from a text file (``.gz`` ok): WikiText articles split at ``= Title =``
     headings, otherwise blank-line separated paragraphs. Empty pieces are skipped."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8")
+    text = read_text(path)
     if re.search(r"^ = [^=].* = $", text, flags=re.M):
         pieces = re.split(r"^ = (?=[^=])", text, flags=re.M)
         docs = [detokenize_wikitext(" = " + p).strip() for p in pieces if p.strip()]
@@ -204,8 +200,7 @@ def read_blimp(directory: str | Path, paradigms: Sequence[str] | None = None, li
         paradigm = path.name.split(".jsonl")[0]
         if paradigms and paradigm not in paradigms:
             continue
-        raw = path.read_bytes()
-        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        text = read_text(path)
         count = 0
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -19,7 +19,6 @@ prompts are processed in a fixed order, so the same command gives the same numbe
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import re
 from collections import defaultdict
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
+from jaxlm.data.sources import read_text
 
 Scorer = Callable[[list[str]], list[float]]
 
@@ -65,11 +65,6 @@ class GenerationSettings:
 # ---------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    return (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-
-
 def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
     """RTP prompts from ``toxic.jsonl`` (challenging) and ``nontoxic.jsonl`` (``prompt.text``).
 
@@ -82,7 +77,7 @@ def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0) -> 
         if not path.exists():
             raise FileNotFoundError(f"{path}: RTP prompt file not found")
         rows = []
-        for line_no, line in enumerate(_read_text(path).splitlines(), 1):
+        for line_no, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             record = json.loads(line)
@@ -124,7 +119,7 @@ def read_toxigen(directory: str | Path, limit: int | None = None, seed: int = 0)
     prompts = []
     for path in files:
         label, group = _TOXIGEN_FILE.match(path.name).groups()[:2]
-        lines = [line for line in _read_text(path).splitlines() if line.strip()]
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
         if limit is not None and limit < len(lines):
             keep = np.sort(np.random.default_rng(seed).choice(len(lines), limit, replace=False))
             lines = [lines[i] for i in keep]

@@ -1,0 +1,8 @@
+"""Data: corpus readers (``sources``), prepared shards and the mixture pipeline.
+
+Kept import-light: submodules are imported where they are used.
+"""
+
+
+class DataError(ValueError):
+    """Unusable input data: the message names the file (and line, field or byte offset) and what was expected."""
