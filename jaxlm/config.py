@@ -59,7 +59,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, option, where)
             except ConfigError as err:
-                errors.append(err)
+                errors.append((option, err))
+        # ``X | None`` given a non-null value: X's own error is the informative one.
+        non_null = [err for option, err in errors if option is not type(None)]
+        if value is not None and len(non_null) == 1:
+            raise non_null[0]
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
