@@ -89,12 +89,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
                 ),
             )
         except Exception as err:  # orbax raises assorted errors on truncated or missing files
-            message = f"checkpoint at step {step} in {manager.directory} is unreadable ({type(err).__name__}: {err}); trying an older one"
+            kept = _set_aside(Path(manager.directory), step)
+            message = (
+                f"checkpoint at step {step} in {manager.directory} is unreadable ({type(err).__name__}: {err}); "
+                f"moved to {kept.name}, trying an older one"
+            )
             warnings.warn(message, stacklevel=2)
             log.warning(message)
+            manager.reload()
             continue
         return Restored(step=step, state=restored["state"], data_state=restored["data"], meta=restored["meta"])
     return None
+
+
+def _set_aside(directory: Path, step: int) -> Path:
+    """Rename an unreadable step directory out of the manager's view (kept for inspection)."""
+    target = directory / f"corrupt-{step}"
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = directory / f"corrupt-{step}.{suffix}"
+    (directory / str(step)).rename(target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------

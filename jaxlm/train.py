@@ -155,7 +155,7 @@ class Trainer:
         schedule = learning_rate_schedule(self.optimizer_config, self.total_steps)
         metrics = {
             "loss": aux["ce_sum"] / n_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "n_tokens": aux["n_tokens"],
         }

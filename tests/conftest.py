@@ -40,3 +40,46 @@ def shared_dataset(shared_data):
         return path
 
     return get
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny prepared dataset (real tokenizer, real shards) for training and end-to-end tests
+# ---------------------------------------------------------------------------------------
+
+CLEAN_WORDS = "the river ran past old stone houses while children read books under quiet trees".split()
+TOXIC_WORDS = "you stupid idiot hate those people they are worthless trash get out".split()
+
+
+def synthetic_documents(words, count, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(5, 60)))) + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """Two sources ("clean", "toxic") of synthetic sentences, a 320-token BPE and its shards."""
+    import numpy as np
+
+    from jaxlm.data import records
+    from jaxlm.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpora = {"clean": synthetic_documents(CLEAN_WORDS, 300, 0), "toxic": synthetic_documents(TOXIC_WORDS, 300, 1)}
+    tokenizer = train_bpe([t for docs in corpora.values() for t in docs], vocab_size=320)
+    tokenizer.save(root / "tokenizer.json")
+    infos = {}
+    for name, docs in corpora.items():
+        encoded = tokenizer.encode_batch(docs)
+        items = [
+            (np.asarray(ids), {"doc_id": f"{name}-{i}", "source": name, "toxicity": float(name == "toxic")})
+            for i, ids in enumerate(encoded)
+        ]
+        stats = records.write_source(root / name, items, num_shards=2)
+        infos[name] = records.SourceInfo(
+            name, root / name, stats["num_documents"], stats["num_tokens"], "uint16",
+            tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id,
+        )
+    records.write_manifest(root, infos, tokenizer="tokenizer.json")
+    return root
