@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/jaxlm demo
+	$(BIN)/python experiments/smoke.py --out runs/smoke
 
 test: venv
 	$(BIN)/python -m pytest -q
