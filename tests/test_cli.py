@@ -1,0 +1,104 @@
+"""The command line end to end on a real (tiny) trained checkpoint and a crafted data directory:
+train -> probe -> iti -> generate -> eval."""
+
+import gzip
+import json
+
+import pytest
+import yaml
+
+from jaxlm.cli import main
+
+MEAN = ["you stupid idiot", "those people are trash", "I hate them all", "get out worthless scum"]
+KIND = ["the river ran past old houses", "children read books under trees", "a quiet morning walk", "old stone bridges"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data directory with the layout of ../shared/data, filled with crafted text."""
+    root = tmp_path_factory.mktemp("data")
+    prompts = root / "labelled" / "toxigen" / "prompts"
+    prompts.mkdir(parents=True)
+    for label, lines in (("hate", MEAN), ("neutral", KIND)):
+        for group in ("groupa", "groupb"):
+            text = "\n".join("\\n".join(f"- {lines[(i + j) % 4]} {group}" for j in range(3)) + "\\n-" for i in range(4))
+            (prompts / f"{label}_{group}_1k.txt.gz").write_bytes(gzip.compress(text.encode()))
+    rtp = root / "eval" / "rtp"
+    rtp.mkdir(parents=True)
+    for name, lines, score in (("toxic", MEAN, 0.9), ("nontoxic", KIND, 0.05)):
+        with (rtp / f"{name}.jsonl").open("w") as f:
+            for line in lines:
+                f.write(json.dumps({"prompt": {"text": line, "toxicity": score}, "continuation": {"text": line, "toxicity": score}}) + "\n")
+    wiki = root / "eval" / "wikitext2"
+    wiki.mkdir(parents=True)
+    (wiki / "test.txt").write_text(" = Article = \n\n " + " . ".join(KIND * 5) + " \n\n = Other = \n\n " + " , ".join(KIND) + " \n")
+    blimp = root / "eval" / "blimp"
+    blimp.mkdir(parents=True)
+    pairs = [{"sentence_good": "the river ran", "sentence_bad": "the ran river", "field": "syntax", "UID": "p"}] * 3
+    (blimp / "word_order.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 320},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 5},
+        "data": {"dataset": str(tiny_prepared), "sources": {"clean": 0.9, "toxic": 0.1}, "seq_len": 32, "batch_size": 8},
+        "checkpoint": {"every": 10},
+        "steps": 20,
+        "log_every": 5,
+        "tensorboard": False,
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "train.yaml"), "--run-dir", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
+def test_train_probe_iti_generate_eval(run_dir, data_dir, tmp_path, capsys):
+    assert (run_dir / "checkpoints" / "20").is_dir()
+    probe_dir = tmp_path / "probe"
+    assert main(["probe", "--checkpoint", str(run_dir), "--data", "toxigen", "--data-dir", str(data_dir),
+                 "--out", str(probe_dir), "--no-progress"]) == 0
+    report = json.loads((probe_dir / "probe_report.json").read_text())
+    assert len(report["accuracy"]) == 2 and len(report["accuracy"][0]) == 4
+
+    iti = tmp_path / "iti.safetensors"
+    assert main(["iti", "--probe-dir", str(probe_dir), "--k", "3", "--alpha", "4", "--out", str(iti)]) == 0
+    assert "ITI on 3 heads" in capsys.readouterr().out
+
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "the river", "--iti", str(iti),
+                 "--alpha", "6", "--max-new-tokens", "5", "--no-progress"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "the river" and isinstance(line["completion"], str)
+
+    out = tmp_path / "eval"
+    argv = ["eval", "all", "--checkpoint", str(run_dir), "--data-dir", str(data_dir), "--out", str(out),
+            "--samples", "2", "--max-new-tokens", "4", "--batch-size", "8", "--limit", "2", "--ce-docs", "4", "--ce-len", "32"]
+    assert main(argv + ["--iti", str(iti), "--alpha", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "ce", "blimp_accuracy"):
+        assert key in results
+    assert results["capability"]["kl"] > 0  # the intervention moves the next-token distribution
+    assert set(results["toxigen"]["groups"]["by_group"]) == {"groupa", "groupb"}
+    assert (out / "results.png").exists() and (out / "rtp_generations.jsonl").exists()
+
+    assert main(argv + ["--seed", "3"]) == 0  # same command twice: same numbers
+    first = json.loads((out / "results.json").read_text())
+    assert main(argv + ["--seed", "3"]) == 0
+    assert json.loads((out / "results.json").read_text()) == first
+
+
+def test_eval_reports_missing_data_clearly(run_dir, tmp_path, capsys):
+    assert main(["eval", "ce", "--checkpoint", str(run_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "eval/wikitext2/test.txt" in capsys.readouterr().err
+
+
+def test_info_and_help(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "olmo-1b" in info["presets"] and info["versions"]["jax"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "probe" in capsys.readouterr().out
