@@ -67,6 +67,10 @@ class TrainConfig:
     eval_sets: tuple[EvalSetConfig, ...] = ()
     peak_flops: float | None = None  # per device; default: vendor table or a measured matmul
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    # Multi-host without a cluster manager JAX detects (TPU VMs, SLURM, Open MPI, k8s):
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -253,7 +257,11 @@ def train(
     if config.data is None:
         raise ConfigError("data: a training run needs a data section (a prepared dataset and mixture)")
     if config.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
     run_dir = Path(run_dir)
     prepare_run_dir(config, run_dir, allow_config_change)
 
