@@ -75,7 +75,8 @@ def test_train_probe_iti_generate_eval(run_dir, data_dir, tmp_path, capsys):
 
     out = tmp_path / "eval"
     argv = ["eval", "all", "--checkpoint", str(run_dir), "--data-dir", str(data_dir), "--out", str(out),
-            "--samples", "2", "--max-new-tokens", "4", "--batch-size", "8", "--limit", "2", "--ce-docs", "4", "--ce-len", "32"]
+            "--samples", "2", "--max-new-tokens", "4", "--batch-size", "8", "--limit", "2", "--ce-docs", "4", "--ce-len", "32",
+            "--scorer", "profanity-check"]  # the CLI wiring; the default scorer has its own tests
     assert main(argv + ["--iti", str(iti), "--alpha", "4"]) == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "ce", "blimp_accuracy"):

@@ -1,162 +1,396 @@
-"""Toxicity scorers: one interface, ``list[str] -> list[float]`` (probability of toxicity).
+"""Toxicity scorers: one interface, several backends.
+
+A scorer is a callable ``list[str] -> list[float]``: the probability that each text is toxic,
+in [0, 1], in input order. It works in batches internally (``batch_size``), accepts an empty
+list, scores blank texts (empty or whitespace) 0 without consulting the backend (Perspective
+refuses empty comments), and rejects anything that is not a list of strings (``TypeError``).
 
 ``get_scorer(name="default", **options)`` is the stable entry point. Backends:
 
-* ``"profanity-check"`` (``"default"``): the offline linear model shipped in the PyPI
-  package ``alt-profanity-check``. Fast, no network. See ``docs/toxicity_calibration.md``
-  for how well it tracks the Perspective API on the RTP texts.
-* ``"perspective"``: the Perspective API (Comment Analyzer, TOXICITY), for runs with a
-  network and a key (``api_key=`` or ``$PERSPECTIVE_API_KEY``). Client-side rate limit,
-  retries with exponential backoff on 429/5xx/network errors, clear errors otherwise.
+``"profanity-check"``
+    The offline linear SVM (TF-IDF words, calibrated) shipped in the PyPI package
+    ``alt-profanity-check``. Option: ``batch_size``.
+``"jaxlm-tfidf"``
+    A hashed word + character n-gram TF-IDF logistic regression trained by jaxlm
+    (``jaxlm.evaluate.toxicity_model``) on the training split of the RTP texts with their
+    Perspective scores as soft targets. Options: ``model_path`` (a trained ``.npz``; default:
+    the cache, ``$JAXLM_CACHE_DIR`` or ``~/.cache/jaxlm``, trained there on first use from
+    ``$JAXLM_DATA_DIR`` or ``data_dir``), ``data_dir``, ``batch_size``.
+``"jaxlm"``
+    ``"jaxlm-tfidf"`` and ``"profanity-check"`` combined by a logistic stacking layer fitted to
+    the Perspective scores (weights in the same model file); same options.
+``"perspective"``
+    The Perspective API (Comment Analyzer ``comments:analyze``, attribute ``TOXICITY``).
+    Options: ``api_key`` (default ``$PERSPECTIVE_API_KEY``), ``base_url``, ``qps``,
+    ``max_retries``, ``initial_backoff``, ``max_backoff``, ``timeout``, ``languages``,
+    ``workers``, ``batch_size``.
+
+``"default"`` is ``DEFAULT_SCORER`` (``"jaxlm"``): it agrees best with Perspective on held-out
+RTP texts; see ``docs/toxicity_calibration.md`` for the numbers and the command.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Callable, Sequence
 
-Scorer = Callable[[Sequence[str]], list[float]]
+import numpy as np
 
+Scorer = Callable[[list[str]], list[float]]
+
+DEFAULT_SCORER = "jaxlm"
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1"
+PERSPECTIVE_KEY_ENV = "PERSPECTIVE_API_KEY"
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class ScorerError(ValueError):
-    """A scorer could not be built or could not score; the message says why."""
+class ScorerUnavailableError(RuntimeError):
+    """A backend cannot be built here (missing package, key or model); the message says what to do."""
+
+
+class PerspectiveError(RuntimeError):
+    """The Perspective API refused a request or could not be reached; names status and message."""
+
+    def __init__(self, message: str, status: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 # ---------------------------------------------------------------------------------------
-# Offline: alt-profanity-check
+# Interface
 # ---------------------------------------------------------------------------------------
 
 
-class ProfanityCheckScorer:
-    """``profanity_check.predict_prob`` (a linear SVM on word n-grams, calibrated)."""
+def check_texts(texts: object) -> list[str]:
+    """``texts`` as a list of strings, or a ``TypeError`` naming the first bad element."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("a toxicity scorer takes a list of texts, got a single string; wrap it in a list")
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"a toxicity scorer takes a list of texts, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+    return list(texts)
+
+
+class ToxicityScorer:
+    """Base class: validates input, splits it into batches, checks every batch's output."""
+
+    name = "scorer"
+
+    def __init__(self, batch_size: int = 1024):
+        if batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def score_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        texts = check_texts(texts)
+        scores = np.zeros(len(texts), np.float64)  # blank texts are not toxic: 0, never sent to a backend
+        todo = [i for i, text in enumerate(texts) if text.strip()]
+        for start in range(0, len(todo), self.batch_size):
+            index = todo[start : start + self.batch_size]
+            out = np.asarray(self.score_batch([texts[i] for i in index]), np.float64).reshape(-1)
+            if out.shape != (len(index),) or not np.all(np.isfinite(out)):
+                raise RuntimeError(f"{self.name}: expected {len(index)} finite scores, got {out.shape} {out[:4]}")
+            if np.any(out < -1e-6) or np.any(out > 1 + 1e-6):
+                raise RuntimeError(f"{self.name}: scores outside [0, 1]: {out[(out < 0) | (out > 1)][:4]}")
+            scores[index] = np.clip(out, 0.0, 1.0)
+        return scores.tolist()
+
+    def __repr__(self) -> str:
+        return f"<toxicity scorer {self.name!r}>"
+
+
+# ---------------------------------------------------------------------------------------
+# profanity-check
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _profanity_check_model():
+    """(vectorizer, classifier) of alt-profanity-check, loaded once, version warnings silenced."""
+    try:
+        from sklearn.exceptions import InconsistentVersionWarning
+    except ImportError:  # older scikit-learn: the warning is a plain UserWarning
+        InconsistentVersionWarning = UserWarning
+    with warnings.catch_warnings():
+        # The package ships joblib pickles made with some scikit-learn version; loading them with
+        # another one warns. The calibration report measures the model as loaded here.
+        warnings.simplefilter("ignore", InconsistentVersionWarning)
+        try:
+            from profanity_check import profanity_check as package
+        except ImportError as err:
+            raise ScorerUnavailableError(
+                f"profanity-check scorer: cannot import the alt-profanity-check package ({err}); "
+                "install it with `pip install alt-profanity-check==1.9.1`"
+            ) from None
+    return package.vectorizer, package.model
+
+
+class ProfanityCheckScorer(ToxicityScorer):
+    """alt-profanity-check's calibrated linear SVM on TF-IDF words."""
 
     name = "profanity-check"
 
-    def __init__(self) -> None:
-        with warnings.catch_warnings():  # the shipped model was pickled by an older sklearn
-            warnings.simplefilter("ignore")
-            from profanity_check import predict_prob
+    def __init__(self, batch_size: int = 4096):
+        super().__init__(batch_size)
+        self._vectorizer, self._model = _profanity_check_model()
+        self._positive = list(self._model.classes_).index(1)
 
-        self._predict = predict_prob
-
-    def __call__(self, texts: Sequence[str]) -> list[float]:
-        texts = list(texts)
-        if not texts:
-            return []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return [float(p) for p in self._predict(texts)]
+    def score_batch(self, texts: list[str]) -> np.ndarray:
+        return self._model.predict_proba(self._vectorizer.transform(texts))[:, self._positive]
 
 
 # ---------------------------------------------------------------------------------------
-# Online: the Perspective API
+# jaxlm-trained scorers
+# ---------------------------------------------------------------------------------------
+
+
+class JaxlmTfidfScorer(ToxicityScorer):
+    """The hashed TF-IDF logistic regression trained by jaxlm (``toxicity_model``)."""
+
+    name = "jaxlm-tfidf"
+
+    def __init__(self, model_path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
+                 batch_size: int = 1024):
+        from jaxlm.evaluate.toxicity_model import TfidfLogisticModel, load_or_train_default_model
+
+        super().__init__(batch_size)
+        if model_path is not None:
+            self.model = TfidfLogisticModel.load(model_path)
+        else:
+            self.model = load_or_train_default_model(data_dir)
+
+    def score_batch(self, texts: list[str]) -> np.ndarray:
+        return self.model.predict(texts)
+
+
+class JaxlmScorer(ToxicityScorer):
+    """The jaxlm TF-IDF model stacked with profanity-check: ``sigmoid(w0 * logit(jaxlm-tfidf) +
+    w1 * logit(profanity-check) + b)``, weights from the model file (``train_default_model``)."""
+
+    name = "jaxlm"
+
+    def __init__(self, model_path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
+                 batch_size: int = 1024):
+        super().__init__(batch_size)
+        self.tfidf = JaxlmTfidfScorer(model_path, data_dir, batch_size)
+        if self.tfidf.model.stack is None:
+            from jaxlm.evaluate.toxicity_model import ToxicityModelError
+
+            raise ToxicityModelError(
+                f"jaxlm scorer: the model {model_path or ''} has no stacking weights (made by train_scorer, not "
+                "train_default_model); use it as get_scorer('jaxlm-tfidf', model_path=...)"
+            )
+        self.reference = ProfanityCheckScorer(batch_size)
+
+    def score_batch(self, texts: list[str]) -> np.ndarray:
+        from jaxlm.evaluate.toxicity_model import stacked_probability
+
+        own = self.tfidf.score_batch(texts)
+        return stacked_probability(self.tfidf.model.stack, own, self.reference.score_batch(texts))
+
+
+# ---------------------------------------------------------------------------------------
+# Perspective API
 # ---------------------------------------------------------------------------------------
 
 
 class RateLimiter:
-    """At most ``qps`` calls per second (thread-safe): waits before each call as needed."""
+    """Spaces calls at least ``1 / qps`` seconds apart (thread-safe)."""
 
-    def __init__(self, qps: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
-        if qps <= 0:
-            raise ValueError(f"qps: expected a positive number, got {qps}")
+    def __init__(self, qps: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep):
+        if not qps > 0:
+            raise ValueError(f"qps must be > 0, got {qps}")
         self.interval = 1.0 / qps
-        self._next = 0.0
-        self._lock = threading.Lock()
         self._clock, self._sleep = clock, sleep
+        self._next = -math.inf
+        self._lock = threading.Lock()
 
     def wait(self) -> None:
         with self._lock:
             now = self._clock()
-            if now < self._next:
-                self._sleep(self._next - now)
-                now = self._next
-            self._next = now + self.interval
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
 
 
-class PerspectiveScorer:
-    """The Perspective API's TOXICITY summary score for each text (one request per text)."""
+def _api_error(err: urllib.error.HTTPError) -> tuple[str, str]:
+    """(message, reason) from a Google API error body ``{"error": {...}}``, best effort."""
+    try:
+        body = err.read().decode("utf-8", "replace")
+    except OSError:
+        body = ""
+    try:
+        error = json.loads(body)["error"]
+        reasons = [d.get("errorType") or d.get("reason") for d in error.get("details", []) if isinstance(d, dict)]
+        reason = ", ".join(r for r in [error.get("status")] + reasons if r)
+        return str(error.get("message", "")), reason
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body.strip()[:300] or str(err.reason), ""
+
+
+def _retry_after(err: urllib.error.HTTPError) -> float | None:
+    try:
+        return max(0.0, float(err.headers.get("Retry-After", "")))
+    except (TypeError, ValueError):
+        return None
+
+
+class PerspectiveScorer(ToxicityScorer):
+    """Perspective API client: TOXICITY summary score per text, one request per text.
+
+    Requests are spaced to ``qps`` (the default quota is 1 query per second) across up to
+    ``workers`` threads. HTTP 429 and 5xx responses, timeouts and connection errors are retried
+    up to ``max_retries`` times with exponential backoff (``initial_backoff * 2**attempt``,
+    capped at ``max_backoff``; a ``Retry-After`` header is honoured up to that cap). Other
+    HTTP errors (bad key, unsupported language, malformed request) fail at once with a
+    ``PerspectiveError`` naming the status and the API's message.
+    """
 
     name = "perspective"
-    RETRY_STATUS = (429, 500, 502, 503, 504)
 
     def __init__(
         self,
         api_key: str | None = None,
-        *,
         base_url: str = PERSPECTIVE_URL,
         qps: float = 1.0,
         max_retries: int = 5,
-        backoff: float = 1.0,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 60.0,
         timeout: float = 30.0,
         languages: Sequence[str] = ("en",),
+        workers: int = 1,
+        batch_size: int = 64,
     ):
-        self.api_key = api_key or os.environ.get("PERSPECTIVE_API_KEY")
-        if not self.api_key:
-            raise ScorerError("perspective: no API key (pass api_key= or set PERSPECTIVE_API_KEY)")
-        self.url = f"{base_url.rstrip('/')}/comments:analyze?key={self.api_key}"
+        super().__init__(batch_size)
+        api_key = api_key if api_key is not None else os.environ.get(PERSPECTIVE_KEY_ENV)
+        if not api_key:
+            raise ScorerUnavailableError(
+                f"perspective scorer: no API key; pass api_key= or set {PERSPECTIVE_KEY_ENV}"
+            )
+        if max_retries < 0 or initial_backoff < 0 or max_backoff < 0 or timeout <= 0 or workers < 1:
+            raise ValueError(
+                "perspective scorer: need max_retries >= 0, initial_backoff >= 0, max_backoff >= 0, "
+                f"timeout > 0, workers >= 1; got {max_retries}, {initial_backoff}, {max_backoff}, {timeout}, {workers}"
+            )
+        if isinstance(languages, str):
+            languages = (languages,)
+        self.url = f"{base_url.rstrip('/')}/comments:analyze?" + urllib.parse.urlencode({"key": api_key})
+        self.endpoint = f"{base_url.rstrip('/')}/comments:analyze"  # for messages: never shows the key
         self.limiter = RateLimiter(qps)
-        self.max_retries, self.backoff, self.timeout = max_retries, backoff, timeout
-        self.languages = list(languages)
+        self.max_retries, self.initial_backoff, self.max_backoff = max_retries, initial_backoff, max_backoff
+        self.timeout, self.languages, self.workers = timeout, list(languages), workers
 
     def _request(self, text: str) -> float:
-        body = json.dumps(
-            {"comment": {"text": text}, "languages": self.languages, "requestedAttributes": {"TOXICITY": {}}}
-        ).encode()
+        request_body = {"comment": {"text": text}, "requestedAttributes": {"TOXICITY": {}}, "doNotStore": True}
+        if self.languages:  # none given: the API detects the language
+            request_body["languages"] = self.languages
+        body = json.dumps(request_body).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            payload = json.loads(response.read().decode("utf-8"))
+        try:
+            value = float(payload["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+        except (KeyError, TypeError, ValueError):
+            raise PerspectiveError(
+                f"Perspective API ({self.endpoint}): response without attributeScores.TOXICITY.summaryScore.value: "
+                f"{json.dumps(payload)[:300]}"
+            ) from None
+        if not 0.0 <= value <= 1.0:
+            raise PerspectiveError(f"Perspective API ({self.endpoint}): TOXICITY score {value} outside [0, 1]")
+        return value
+
+    def score_text(self, text: str) -> float:
+        """One text's TOXICITY, with rate limiting and retries."""
+        last = ""
         for attempt in range(self.max_retries + 1):
+            delay = min(self.max_backoff, self.initial_backoff * 2.0**attempt)
             self.limiter.wait()
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read())
-                return float(payload["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+                return self._request(text)
             except urllib.error.HTTPError as err:
-                detail = _error_message(err)
-                if err.code not in self.RETRY_STATUS or attempt == self.max_retries:
-                    raise ScorerError(f"perspective: HTTP {err.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if attempt == self.max_retries:
-                    raise ScorerError(f"perspective: request failed after {attempt + 1} attempts: {err}") from None
-            except (KeyError, TypeError, ValueError) as err:
-                raise ScorerError(f"perspective: unexpected response ({type(err).__name__}: {err})") from None
-            time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+                message, reason = _api_error(err)
+                detail = f"HTTP {err.code}" + (f" {reason}" if reason else "") + f": {message}"
+                if err.code not in RETRYABLE_STATUS:
+                    raise PerspectiveError(
+                        f"Perspective API ({self.endpoint}) refused the request: {detail}", err.code, reason
+                    ) from None
+                retry_after = _retry_after(err)
+                if retry_after is not None:
+                    delay = min(self.max_backoff, max(delay, retry_after))
+                last, status = detail, err.code
+            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as err:
+                last, status = f"{type(err).__name__}: {getattr(err, 'reason', err)}", None
+            except json.JSONDecodeError as err:
+                raise PerspectiveError(f"Perspective API ({self.endpoint}): response is not JSON ({err.msg})") from None
+            if attempt < self.max_retries:
+                time.sleep(delay)
+        raise PerspectiveError(
+            f"Perspective API ({self.endpoint}): gave up after {self.max_retries + 1} attempts; last error: {last}",
+            status,
+        )
 
-    def __call__(self, texts: Sequence[str]) -> list[float]:
-        return [self._request(text) if text.strip() else 0.0 for text in texts]
+    def _score_named(self, text: str) -> float:
+        try:
+            return self.score_text(text)
+        except PerspectiveError as err:
+            excerpt = text if len(text) <= 60 else text[:57] + "..."
+            raise PerspectiveError(f"{err} [text: {excerpt!r}]", err.status, err.reason) from None
 
-
-def _error_message(err: urllib.error.HTTPError) -> str:
-    try:
-        return json.loads(err.read())["error"]["message"]
-    except Exception:
-        return err.reason or "no message"
+    def score_batch(self, texts: list[str]) -> np.ndarray:
+        if self.workers == 1 or len(texts) == 1:
+            return np.array([self._score_named(t) for t in texts], np.float64)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return np.array(list(pool.map(self._score_named, texts)), np.float64)
 
 
 # ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
 
-SCORERS: dict[str, Callable[..., Scorer]] = {
+BACKENDS: dict[str, type[ToxicityScorer]] = {
     "profanity-check": ProfanityCheckScorer,
+    "jaxlm": JaxlmScorer,
+    "jaxlm-tfidf": JaxlmTfidfScorer,
     "perspective": PerspectiveScorer,
 }
-DEFAULT_SCORER = "profanity-check"
+ALIASES = {"default": DEFAULT_SCORER}
 
 
-def get_scorer(name: str = "default", **options) -> Scorer:
-    """A toxicity scorer by name: a callable from a list of texts to a list of probabilities.
+def scorer_names() -> list[str]:
+    return sorted(ALIASES) + sorted(BACKENDS)
 
-    ``"default"`` is the offline ``"profanity-check"``; ``"perspective"`` needs a key.
+
+def get_scorer(name: str = "default", **options) -> ToxicityScorer:
+    """A toxicity scorer ``list[str] -> list[float]`` by backend name (see the module docstring).
+
+    ``options`` go to the backend (e.g. ``get_scorer("perspective", qps=5)``); an unknown
+    name or option is a ``ValueError`` / ``TypeError`` listing the valid ones.
     """
-    key = DEFAULT_SCORER if name == "default" else name
-    if key not in SCORERS:
-        raise ScorerError(f"unknown toxicity scorer {name!r}; valid scorers: default, {', '.join(SCORERS)}")
-    return SCORERS[key](**options)
+    backend = BACKENDS.get(ALIASES.get(name, name))
+    if backend is None:
+        raise ValueError(f"unknown toxicity scorer {name!r}; valid names: {', '.join(scorer_names())}")
+    valid = [p for p in inspect.signature(backend.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"toxicity scorer {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return backend(**options)
