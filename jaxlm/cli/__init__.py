@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules under jaxlm.cli, in the order `jaxlm --help` lists them.
-SUBCOMMAND_MODULES = ("info", "train", "probe", "iti", "generate", "eval", "toy")
+SUBCOMMAND_MODULES = ("info", "data", "train", "probe", "iti", "generate", "eval", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:

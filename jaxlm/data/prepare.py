@@ -1,0 +1,1101 @@
+"""Prepare: raw corpora -> tokenizer -> tokenized, toxicity-scored ArrayRecord shards + manifest.
+
+``prepare(recipe, out_dir)`` (CLI: ``jaxlm data prepare RECIPE.yaml``) reads each source of a
+``Recipe`` with its ``jaxlm.data.sources`` reader, trains a byte-level BPE on a seeded sample
+of every source (or loads a given ``tokenizer.json``), tokenizes and scores every document
+in worker processes, and writes the prepared dataset that ``jaxlm.data.pipeline`` reads::
+
+    <out>/manifest.json          written last, atomically (see below)
+    <out>/tokenizer.json         the tokenizer the documents were encoded with
+    <out>/<source>/shard-*.array_record
+    <out>/<source>@valid/...     held-out documents, when ``valid_fraction > 0``
+
+Records (``jaxlm.data.records``) hold a document's token ids, without an end-of-document
+id (the pipeline appends one when packing), and its metadata: ``doc_id``, ``source``, the
+reader's metadata (author/title, thread/time/country, file/line, ...), ``toxicity`` and
+``toxicity_max``.
+
+Toxicity: the offline ``alt-profanity-check`` classifier was trained on tweets and short
+comments, and as a linear model on word counts it saturates on long inputs. A document is
+therefore scored in chunks of at most ``toxicity.chunk_chars`` characters (cut at
+paragraph, line or word boundaries); ``toxicity`` is the character-weighted mean of the
+chunk scores (the document's overall level: what the MEDA/INST tag transform and
+filtering read) and ``toxicity_max`` the highest chunk score (its worst passage). A post
+shorter than a chunk gets one score, so both are equal.
+
+Reuse and interruption:
+
+- the manifest records a fingerprint of the recipe, the input files (size + mtime, or
+  sha256 with ``fingerprint: sha256``), the tokenizer and the versions that decide the
+  output; a re-run with the same fingerprint and intact shards does nothing ("up to date");
+- otherwise the old ``manifest.json`` is first moved aside (``.manifest.previous.json``),
+  so while the dataset changes no manifest claims it is complete; each source whose own
+  fingerprint (its recipe entry, inputs, read options, tokenizer hash, scorer) matches the
+  previous manifest's entry and whose shard sets are complete is reused, every other
+  source directory is emptied and rebuilt: its shards (``records.ShardWriter``, atomic)
+  go to a hidden ``.staging/`` folder and are renamed into place, ``shard-i-of-n``, only
+  when the whole source is done (``RollingShards``);
+- the new manifest is written last; a source without a manifest entry is rebuilt.
+
+Drops are counted per source with their reasons (``ReadStats``: ``empty``,
+``empty_post``, ``invalid_utf8``, ``too_long``, ``duplicate_id``); documents longer than
+``read.max_chars`` are split into parts (counted as ``split``) unless
+``read.too_long: drop``. Bad input (unreadable paths, corrupt gzip, invalid UTF-8 with
+``invalid_utf8: error``, missing columns/fields, an empty corpus, unknown reader kinds or
+arguments) raises ``DataError``/``ConfigError`` naming the file or field.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+
+from jaxlm.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from jaxlm.data import DataError, records, sources
+from jaxlm.data.sources import Document, ReadOptions, ReadStats
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1  # bump when the same inputs and recipe would give different records
+TOKENIZER_FILE = "tokenizer.json"
+PREVIOUS_MANIFEST = ".manifest.previous.json"
+VALID_SUFFIX = "@valid"
+DROP_NO_TOKENS = "no_tokens"  # a non-empty text that encodes to no ids (not expected with byte-level BPE)
+TOXICITY_SCORER = "profanity-check"
+TOXICITY_PACKAGE = "alt-profanity-check"
+SAMPLE_PIECE_CHARS = 10_000  # tokenizer sample: reservoir over pieces of about this many characters
+MAX_SHARD_BYTES = 256 * 2**20  # a shard also ends after about this many bytes of tokens
+STAGING_DIR = ".staging"  # shards being written, hidden inside the source directory
+_STAGING_COUNT = 99999  # placeholder shard count in staging names (the real one is known at the end)
+
+ReaderKind = Literal["gutenberg", "4chan_csv", "4chan_ndjson", "jsonl", "csv", "text", "tfds"]
+
+
+# ---------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderSpec:
+    """How a recipe's reader kind maps onto a ``jaxlm.data.sources`` function."""
+
+    function: Callable[..., Iterator[Document]]
+    path_arg: str | None  # the parameter receiving the source's paths (None: TFDS, no files)
+    suffixes: tuple[str, ...] = ()  # files a directory contributes (as the reader searches it)
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """Keyword arguments a recipe may give in ``args`` (everything but paths, source, options, stats)."""
+        fixed = {self.path_arg, "source", "options", "stats"}
+        return {k: p for k, p in inspect.signature(self.function).parameters.items() if k not in fixed}
+
+    def required(self) -> list[str]:
+        return [k for k, p in self.parameters().items() if p.default is inspect.Parameter.empty]
+
+
+READERS: dict[str, ReaderSpec] = {
+    "gutenberg": ReaderSpec(sources.read_gutenberg, "dir_or_files", (".txt", ".txt.gz")),
+    "4chan_csv": ReaderSpec(sources.read_4chan_csv, "path"),
+    "4chan_ndjson": ReaderSpec(sources.read_4chan_ndjson, "path"),
+    "jsonl": ReaderSpec(sources.read_jsonl, "path"),
+    "csv": ReaderSpec(sources.read_csv, "path"),
+    "text": ReaderSpec(sources.read_text_files, "paths_or_glob"),
+    "tfds": ReaderSpec(sources.read_tfds, None),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Recipe
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecipe:
+    """One source: a reader, its inputs and arguments, and what to keep.
+
+    ``paths``: files, directories or glob patterns, relative to the data directory
+    (``$JAXLM_DATA_DIR``) or absolute. ``args``: keyword arguments of the reader function
+    (e.g. ``text_field`` for ``jsonl``, ``documents: threads`` for 4chan, ``name``/``split``
+    for ``tfds``). ``max_documents``: stop after this many documents (CI-size subsets).
+    ``valid_fraction``: share of documents written to the held-out source ``<name>@valid``
+    instead (every document whose running count crosses the next multiple of
+    ``1/valid_fraction``, so exactly ``round(n * valid_fraction)`` of ``n``; the parts of a
+    split document stay together). ``records_per_shard``: documents per shard file (a shard
+    also ends at 256 MiB): ArrayRecord's random reads slow down with the number of records
+    in a file (about 3k reads/s with 272k records in one shard, 57k/s with 8k; see
+    docs/data.md), which matters for sources of short posts. ``read``: this source's read
+    options (default: the recipe's).
+    """
+
+    reader: ReaderKind
+    paths: str | tuple[str, ...] = ()
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_documents: int | None = None
+    valid_fraction: float = 0.0
+    records_per_shard: int = 8192
+    read: ReadOptions | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"max_documents: expected a positive integer or null, got {self.max_documents}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"valid_fraction: expected a number in [0, 1), got {self.valid_fraction}")
+        if self.records_per_shard < 1:
+            raise ConfigError(f"records_per_shard: expected a positive integer, got {self.records_per_shard}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerRecipe:
+    """Load ``path`` (a ``tokenizer.json`` or a directory holding one; relative to the
+    current directory), or train a byte-level BPE of ``vocab_size`` on a seeded sample of
+    ``sample_chars`` characters per source."""
+
+    path: str | None = None
+    vocab_size: int = 8192
+    sample_chars: int = 5_000_000
+    seed: int = 0
+    min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sample_chars < 1:
+            raise ConfigError(f"tokenizer.sample_chars: expected a positive integer, got {self.sample_chars}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToxicityRecipe:
+    """Score every document with the offline ``alt-profanity-check`` classifier, in chunks
+    of at most ``chunk_chars`` characters (see the module doc)."""
+
+    enabled: bool = True
+    chunk_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.chunk_chars < 1:
+            raise ConfigError(f"toxicity.chunk_chars: expected a positive integer, got {self.chunk_chars}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What ``jaxlm data prepare`` builds (see ``experiments/configs/recipe-*.yaml``).
+
+    ``out``: default output directory (relative to the current directory; ``--out``
+    overrides it). ``data_dir``: the corpora root (default ``$JAXLM_DATA_DIR``).
+    ``read``: read options of every source (``max_chars``: longer documents are split into
+    parts, or dropped with ``too_long: drop``; ``invalid_utf8``: ``error`` or ``drop``).
+    ``fingerprint``: how input files are fingerprinted: ``stat`` (size and mtime) or
+    ``sha256`` (content; slower).
+    """
+
+    sources: dict[str, SourceRecipe]
+    tokenizer: TokenizerRecipe = TokenizerRecipe()
+    toxicity: ToxicityRecipe = ToxicityRecipe()
+    read: ReadOptions = ReadOptions(max_chars=2_000_000)
+    out: str | None = None
+    data_dir: str | None = None
+    fingerprint: Literal["stat", "sha256"] = "stat"
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: expected at least one source (name: {reader: ..., paths: [...]})")
+        for name, source in self.sources.items():
+            where = f"sources.{name}"
+            if not name or name.startswith(".") or any(c in name for c in "/\\@") or name != name.strip():
+                raise ConfigError(
+                    f"{where}: invalid source name {name!r} (expected a directory name without '/', '\\' or '@', "
+                    "not starting with '.')"
+                )
+            spec = READERS[source.reader]
+            allowed = spec.parameters()
+            unknown = sorted(set(source.args) - set(allowed))
+            if unknown:
+                raise ConfigError(
+                    f"{where}.args: unknown argument {', '.join(map(repr, unknown))} for reader {source.reader!r}; "
+                    f"valid arguments: {', '.join(allowed) or 'none'}"
+                )
+            missing = [k for k in spec.required() if k not in source.args]
+            if missing:
+                raise ConfigError(f"{where}.args: reader {source.reader!r} needs {', '.join(map(repr, missing))}")
+            if spec.path_arg is None and source.paths:
+                raise ConfigError(f"{where}.paths: reader {source.reader!r} takes no paths (use args.name / args.data_dir)")
+            if spec.path_arg is not None and not source.paths:
+                raise ConfigError(f"{where}.paths: reader {source.reader!r} needs at least one file, directory or glob")
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """A ``Recipe`` from YAML plus ``key.sub=value`` overrides (e.g. ``sources.pol.max_documents=1000``)."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        return from_dict(Recipe, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def split_names(name: str, source: SourceRecipe) -> tuple[str, ...]:
+    """Prepared source names of a recipe source: ``name`` and, with held-out data, ``name@valid``."""
+    return (name, name + VALID_SUFFIX) if source.valid_fraction > 0 else (name,)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: paths, fingerprints
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve_path(raw: str, root: Callable[[], Path]) -> str:
+    expanded = os.path.expanduser(raw)
+    return expanded if os.path.isabs(expanded) else os.fspath(root() / expanded)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInputs:
+    """A source's reader call (resolved) and its input files."""
+
+    name: str
+    recipe: SourceRecipe
+    kwargs: dict[str, Any]  # reader keyword arguments, paths resolved (without source/options/stats)
+    files: tuple[Path, ...]
+    root: Path | None  # data directory, when the paths were relative to it
+
+
+def resolve_source(name: str, source: SourceRecipe, data_root: Callable[[], Path]) -> SourceInputs:
+    """Resolve paths against the data directory and list (and check) every input file."""
+    spec = READERS[source.reader]
+    kwargs = dict(source.args)
+    used_root: Path | None = None
+    if spec.path_arg is not None:
+        if any(not os.path.isabs(os.path.expanduser(p)) for p in source.paths):
+            used_root = data_root()
+        paths = [_resolve_path(p, data_root) for p in source.paths]
+        kwargs[spec.path_arg] = paths
+        try:
+            files = tuple(path for path, _ in sources.resolve_inputs(paths, suffixes=spec.suffixes))
+        except DataError as err:
+            raise DataError(f"sources.{name}.paths: {err}") from None
+    else:  # TFDS: the prepared dataset's files below its data directory
+        if kwargs.get("data_dir") is not None:
+            kwargs["data_dir"] = _resolve_path(str(kwargs["data_dir"]), data_root)
+        files = _tfds_files(kwargs["name"], kwargs.get("data_dir"))
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise DataError(f"sources.{name}: {unreadable[0]}: not readable (permission denied)")
+    return SourceInputs(name, source, kwargs, files, used_root)
+
+
+def _tfds_files(name: str, data_dir: str | None) -> tuple[Path, ...]:
+    """Files of a prepared TFDS dataset (``name`` like ``c4/en`` or ``c4/en:3.0.1``); empty when
+    the directory is absent (the reader then reports the dataset as missing)."""
+    base, _, version = name.partition(":")
+    root = Path(data_dir) if data_dir is not None else Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    folder = root.joinpath(*base.split("/"))
+    if version:
+        folder = folder / version
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprints(inputs: SourceInputs, how: str) -> list[dict[str, Any]]:
+    """Per input file: path (relative to the data directory when below it), size, and mtime or sha256."""
+    entries = []
+    for path in inputs.files:
+        shown = path
+        if inputs.root is not None:
+            with contextlib.suppress(ValueError):
+                shown = path.relative_to(inputs.root)
+        stat = path.stat()
+        entry: dict[str, Any] = {"path": shown.as_posix(), "size": stat.st_size}
+        if how == "sha256":
+            entry["sha256"] = _file_sha256(path)
+        else:
+            entry["mtime_ns"] = stat.st_mtime_ns
+        entries.append(entry)
+    return entries
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def output_versions(recipe: Recipe) -> dict[str, Any]:
+    """Versions that decide the bytes written (part of every fingerprint)."""
+    versions = {
+        "prepare": PREPARE_VERSION,
+        "record_format": records.FORMAT_VERSION,
+        "tokenizers": _version("tokenizers"),
+    }
+    if recipe.toxicity.enabled:
+        versions[TOXICITY_PACKAGE] = _version(TOXICITY_PACKAGE)
+        versions["scikit-learn"] = _version("scikit-learn")
+    return versions
+
+
+def environment_versions() -> dict[str, Any]:
+    names = ("jaxlm", "tokenizers", TOXICITY_PACKAGE, "scikit-learn", "array-record", "grain", "numpy")
+    return {"python": platform.python_version(), **{name: _version(name) for name in names}}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading documents (with limits and the held-out split)
+# ---------------------------------------------------------------------------------------
+
+
+def read_documents(inputs: SourceInputs, options: ReadOptions, stats: ReadStats | None) -> Iterator[Document]:
+    """The source's documents (at most ``max_documents``)."""
+    spec = READERS[inputs.recipe.reader]
+    documents = spec.function(**inputs.kwargs, source=inputs.name, options=options, stats=stats)
+    if inputs.recipe.max_documents is not None:
+        documents = itertools.islice(documents, inputs.recipe.max_documents)
+    return documents
+
+
+def held_out_flags(documents: Iterable[Document], fraction: float) -> Iterator[tuple[Document, bool]]:
+    """``(document, held_out)``: document ``i`` (0-based, split parts counted once) is held out
+    when ``floor((i+1) f + 1/2) > floor(i f + 1/2)``, so ``round(n f)`` of the first ``n`` are."""
+    index = -1
+    held = False
+    for document in documents:
+        if document.meta.get("part", 0) == 0:  # a new document (not a continuation part)
+            index += 1
+            held = fraction > 0 and math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
+        yield document, held
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------
+
+
+def sample_texts(documents: Iterable[Document], sample_chars: int, seed: int, source: str) -> list[str]:
+    """A seeded uniform sample of about ``sample_chars`` characters of ``documents``.
+
+    The concatenated stream is cut into pieces of about ``SAMPLE_PIECE_CHARS`` characters
+    (at word boundaries; short documents grouped, long ones cut) and a reservoir keeps a
+    uniform random ``ceil(sample_chars / SAMPLE_PIECE_CHARS)`` of them (Algorithm R).
+    """
+    capacity = max(1, math.ceil(sample_chars / SAMPLE_PIECE_CHARS))
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(source.encode()).digest()[:4], "little")])
+    reservoir: list[list[str]] = []
+    seen = 0
+
+    def offer(piece: list[str]) -> None:
+        nonlocal seen
+        if seen < capacity:
+            reservoir.append(piece)
+        else:
+            slot = int(rng.integers(0, seen + 1))
+            if slot < capacity:
+                reservoir[slot] = piece
+        seen += 1
+
+    buffer: list[str] = []
+    buffered = 0
+    for document in documents:
+        text = document.text
+        while text:
+            room = SAMPLE_PIECE_CHARS - buffered
+            if len(text) < room:
+                buffer.append(text)
+                buffered += len(text)
+                break
+            cut = text.rfind(" ", room // 2, room) + 1 or room  # end the piece at a word boundary
+            buffer.append(text[:cut])
+            text = text[cut:]
+            offer(buffer)
+            buffer, buffered = [], 0
+    if buffer:
+        offer(buffer)
+    return [text for piece in reservoir for text in piece]
+
+
+def tokenizer_sample_fingerprint(recipe: Recipe, inputs: dict[str, list[dict[str, Any]]]) -> str:
+    """What a trained tokenizer depends on: its recipe, every source's reading and inputs."""
+    reading = {
+        name: {
+            "reader": s.reader,
+            "args": s.args,
+            "paths": list(s.paths),
+            "max_documents": s.max_documents,
+            "read": to_dict(s.read or recipe.read),
+        }
+        for name, s in recipe.sources.items()
+    }
+    return _digest(
+        {
+            "tokenizer": to_dict(recipe.tokenizer),
+            "reading": reading,
+            "inputs": inputs,
+            "piece_chars": SAMPLE_PIECE_CHARS,
+            "tokenizers": _version("tokenizers"),
+        }
+    )
+
+
+def train_tokenizer(recipe: Recipe, resolved: dict[str, SourceInputs], progress: bool):
+    """Train the recipe's BPE on a seeded sample of every source; returns (tokenizer, sample chars)."""
+    from tqdm import tqdm
+
+    from jaxlm.tokenizer import train_bpe
+
+    texts: list[str] = []
+    for name, inputs in resolved.items():
+        options = inputs.recipe.read or recipe.read
+        documents = read_documents(inputs, options, ReadStats())  # drops are counted in the main pass
+        if progress:
+            documents = tqdm(documents, desc=f"sample {name}", unit="doc", leave=False, mininterval=1)
+        texts += sample_texts(documents, recipe.tokenizer.sample_chars, recipe.tokenizer.seed, name)
+    chars = sum(len(t) for t in texts)
+    log.info("training a %d-token BPE on %d characters", recipe.tokenizer.vocab_size, chars)
+    tokenizer = train_bpe(
+        texts, recipe.tokenizer.vocab_size, min_frequency=recipe.tokenizer.min_frequency, show_progress=progress
+    )
+    return tokenizer, chars
+
+
+def load_tokenizer(path: str):
+    from jaxlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(os.path.expanduser(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding + scoring (in worker processes or in-process)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EncodedChunk:
+    """Token ids of consecutive documents, concatenated, with per-document lengths and scores."""
+
+    ids: np.ndarray  # [sum(lengths)] of the token dtype
+    lengths: np.ndarray  # [n] int64
+    toxicity: np.ndarray | None  # [n] float64, character-weighted mean over chunks
+    toxicity_max: np.ndarray | None  # [n] float64
+    text_bytes: np.ndarray  # [n] int64, UTF-8 bytes of each text
+
+
+class DocumentEncoder:
+    """Tokenizes and scores lists of texts (one instance per worker process)."""
+
+    def __init__(self, tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe):
+        import tokenizers
+
+        self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self.backend.encode_special_tokens = True  # documents are literal text (as jaxlm.tokenizer does)
+        self.dtype = records.TOKEN_DTYPES[token_dtype]
+        self.chunk_chars = toxicity.chunk_chars
+        self.scorer = profanity_scorer() if toxicity.enabled else None
+
+    def __call__(self, texts: Sequence[str]) -> EncodedChunk:
+        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        arrays = [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
+        lengths = np.asarray([a.size for a in arrays], np.int64)
+        ids = np.concatenate(arrays) if arrays else np.zeros((0,), self.dtype)
+        mean = peak = None
+        if self.scorer is not None:
+            mean, peak = self.score(texts)
+        text_bytes = np.asarray([len(t.encode("utf-8")) for t in texts], np.int64)
+        return EncodedChunk(ids, lengths, mean, peak, text_bytes)
+
+    def score(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        pieces: list[str] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            parts = [text] if len(text) <= self.chunk_chars else sources.split_text(text, self.chunk_chars)
+            pieces += parts
+            owner += [i] * len(parts)
+        scores = np.asarray(self.scorer(pieces), np.float64)
+        weights = np.asarray([len(p) for p in pieces], np.float64)
+        owner_arr = np.asarray(owner, np.int64)
+        n = len(texts)
+        mean = np.bincount(owner_arr, weights * scores, n) / np.maximum(np.bincount(owner_arr, weights, n), 1.0)
+        peak = np.full(n, -np.inf)
+        np.maximum.at(peak, owner_arr, scores)
+        return mean, peak
+
+
+def profanity_scorer() -> Callable[[list[str]], np.ndarray]:
+    """``alt-profanity-check``'s ``predict_prob`` (texts -> probability of being offensive)."""
+    import warnings
+
+    with warnings.catch_warnings():  # its model was pickled by an older scikit-learn
+        warnings.simplefilter("ignore")
+        try:
+            from profanity_check import predict_prob
+        except ImportError as err:
+            raise ConfigError(
+                f"toxicity.enabled: the scorer needs the {TOXICITY_PACKAGE} package ({err}); "
+                "install it or set toxicity.enabled: false"
+            ) from None
+
+    def score(texts: list[str]) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(predict_prob(texts), np.float64)
+
+    return score
+
+
+_WORKER_ENCODER: DocumentEncoder | None = None
+
+
+def _init_worker(tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = DocumentEncoder(tokenizer_json, token_dtype, toxicity)
+
+
+def _encode_in_worker(texts: list[str]) -> EncodedChunk:
+    assert _WORKER_ENCODER is not None, "worker not initialised"
+    return _WORKER_ENCODER(texts)
+
+
+class ChunkRunner:
+    """Runs ``DocumentEncoder`` over chunks of texts, in order: in-process (``workers=0``,
+    the tokenizer's own threads) or in ``workers`` spawned processes, at most
+    ``2 * workers`` chunks in flight."""
+
+    def __init__(self, workers: int, tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe):
+        self.workers = workers
+        self._pool = None
+        self._encoder = None
+        if workers > 0:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # no fork of a process with tokenizer threads
+            self._pool = context.Pool(workers, _init_worker, (tokenizer_json, token_dtype, toxicity))
+        else:
+            self._encoder = DocumentEncoder(tokenizer_json, token_dtype, toxicity)
+
+    def map(self, chunks: Iterable[Any], texts_of: Callable[[Any], list[str]]) -> Iterator[tuple[Any, EncodedChunk]]:
+        """``(chunk, encoded)`` for each chunk, in input order."""
+        if self._pool is None:
+            for chunk in chunks:
+                yield chunk, self._encoder(texts_of(chunk))
+            return
+        pending: collections.deque = collections.deque()
+        iterator = iter(chunks)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < 2 * self.workers:
+                chunk = next(iterator, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                pending.append((chunk, self._pool.apply_async(_encode_in_worker, (texts_of(chunk),))))
+            if not pending:
+                return
+            chunk, result = pending.popleft()
+            yield chunk, result.get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "ChunkRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def chunked(items: Iterable[Any], text_of: Callable[[Any], str], max_chars: int, max_items: int) -> Iterator[list[Any]]:
+    """Consecutive groups of at most ``max_items`` items and about ``max_chars`` characters."""
+    group: list[Any] = []
+    chars = 0
+    for item in items:
+        group.append(item)
+        chars += len(text_of(item))
+        if chars >= max_chars or len(group) >= max_items:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
+# ---------------------------------------------------------------------------------------
+# Writing one source
+# ---------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def clear_source_dir(directory: Path) -> None:
+    """Remove shards (finished, temporary or staged) of an earlier run from a source directory."""
+    if not directory.is_dir():
+        return
+    staging = directory / STAGING_DIR
+    if staging.is_dir():
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()
+    for path in directory.iterdir():
+        if path.is_file() and (records.SHARD_PATTERN.match(path.name) or path.name.startswith(".shard-")):
+            path.unlink()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make renames inside ``directory`` durable (best effort where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RollingShards:
+    """Consecutive shards of at most ``records_per_shard`` records (or ``MAX_SHARD_BYTES`` of
+    tokens) for one source directory.
+
+    The number of shards is known only at the end, and it is part of every shard's name:
+    shards are written (by ``records.ShardWriter``, atomically) into a hidden staging
+    directory and ``commit`` renames them to ``shard-i-of-n`` in the source directory. An
+    interrupted commit leaves an incomplete set, which ``records.shard_paths`` refuses.
+    """
+
+    def __init__(self, directory: Path, token_dtype: str, records_per_shard: int):
+        self.directory = directory
+        self.staging = directory / STAGING_DIR
+        self.token_dtype = token_dtype
+        self.records_per_shard = records_per_shard
+        self.max_tokens = MAX_SHARD_BYTES // records.TOKEN_DTYPES[token_dtype].itemsize
+        self.finished: list[Path] = []
+        self.current: records.ShardWriter | None = None
+
+    def write(self, ids: np.ndarray, meta: dict[str, Any]) -> None:
+        current = self.current
+        if current is None or current.num_records >= self.records_per_shard or current.num_tokens >= self.max_tokens:
+            current = self._next_shard()
+        current.write(ids, meta)
+
+    def _next_shard(self) -> records.ShardWriter:
+        if self.current is not None:
+            self.finished.append(self.current.close())
+        self.current = records.ShardWriter(
+            self.staging, len(self.finished), _STAGING_COUNT, token_dtype=self.token_dtype
+        )
+        return self.current
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.finished) + (self.current is not None)
+
+    def commit(self) -> int:
+        """Move the finished shards into place; returns their number."""
+        if self.current is None:
+            self._next_shard()  # no record at all: one empty shard keeps the set well-formed
+        self.finished.append(self.current.close())
+        self.current = None
+        count = len(self.finished)
+        for index, path in enumerate(self.finished):
+            os.replace(path, self.directory / records.shard_name(index, count))
+        self.staging.rmdir()
+        _fsync_directory(self.directory)
+        return count
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+            self.current = None
+        clear_source_dir(self.directory)
+
+
+@dataclasses.dataclass
+class _SplitWriter:
+    name: str
+    shards: RollingShards
+    documents: int = 0
+    tokens: int = 0
+    characters: int = 0
+    text_bytes: int = 0
+    toxicity_sum: float = 0.0
+    toxic_documents: int = 0
+
+    def write(self, ids: np.ndarray, meta: dict[str, Any], characters: int, text_bytes: int) -> None:
+        self.shards.write(ids, meta)
+        self.documents += 1
+        self.tokens += int(ids.size)
+        self.characters += characters
+        self.text_bytes += text_bytes
+        if meta.get("toxicity") is not None:
+            self.toxicity_sum += meta["toxicity"]
+            self.toxic_documents += meta["toxicity"] > 0.5
+
+
+def build_source(
+    inputs: SourceInputs,
+    options: ReadOptions,
+    out_dir: Path,
+    runner: ChunkRunner,
+    token_dtype: str,
+    *,
+    task_chars: int,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Read, encode, score and write one source (and its held-out split); returns manifest
+    entries (without the tokenizer fields) per prepared source name. All shards of the
+    source are committed at the end, or none (on any exception)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    stats = ReadStats()
+    fraction = inputs.recipe.valid_fraction
+    splits: list[_SplitWriter] = []
+    try:
+        for name in split_names(inputs.name, inputs.recipe):
+            clear_source_dir(out_dir / name)
+            shards = RollingShards(out_dir / name, token_dtype, inputs.recipe.records_per_shard)
+            splits.append(_SplitWriter(name, shards))
+        flagged = held_out_flags(read_documents(inputs, options, stats), fraction)
+        chunks = chunked(flagged, lambda item: item[0].text, task_chars, 4096)
+        bar = tqdm(desc=f"prepare {inputs.name}", unit="doc", disable=not progress, mininterval=1)
+        with bar:
+            for chunk, encoded in runner.map(chunks, lambda c: [d.text for d, _ in c]):
+                offsets = np.concatenate([[0], np.cumsum(encoded.lengths)])
+                for k, (document, held) in enumerate(chunk):
+                    ids = encoded.ids[offsets[k] : offsets[k + 1]]
+                    if ids.size == 0:
+                        stats.count_drop(inputs.name, DROP_NO_TOKENS)
+                        continue
+                    split = splits[1] if held else splits[0]
+                    meta = _json_safe(document.meta)
+                    meta.update(doc_id=document.doc_id, source=split.name, toxicity=None)
+                    if encoded.toxicity is not None:
+                        meta["toxicity"] = round(float(encoded.toxicity[k]), 6)
+                        meta["toxicity_max"] = round(float(encoded.toxicity_max[k]), 6)
+                    split.write(ids, meta, len(document.text), int(encoded.text_bytes[k]))
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{sum(s.text_bytes for s in splits) / 1e6:.0f} MB", refresh=False)
+        for split in splits:
+            if split.documents == 0:
+                what = "held-out" if split is not splits[0] else "training"
+                raise DataError(
+                    f"sources.{inputs.name}: no {what} documents "
+                    f"({sum(s.documents for s in splits)} documents read, valid_fraction {fraction}); "
+                    + ("lower valid_fraction or add documents" if split is not splits[0] else "lower valid_fraction")
+                )
+        shard_counts = [split.shards.commit() for split in splits]
+    except BaseException:
+        for split in splits:
+            split.shards.abort()
+        raise
+    seconds = time.perf_counter() - started
+    read = stats.to_dict().get(inputs.name, {"documents": 0, "characters": 0, "split": 0, "dropped": {}})
+    entries = {}
+    for split, shard_count in zip(splits, shard_counts):
+        entry: dict[str, Any] = {
+            "directory": split.name,
+            "num_documents": split.documents,
+            "num_tokens": split.tokens,
+            "token_dtype": token_dtype,
+            "characters": split.characters,
+            "text_bytes": split.text_bytes,
+            "shards": shard_count,
+        }
+        if split.toxic_documents or split.toxicity_sum:
+            entry["toxicity"] = {
+                "mean": round(split.toxicity_sum / split.documents, 4),
+                "share_above_0.5": round(split.toxic_documents / split.documents, 4),
+            }
+        if split is splits[0]:
+            entry.update(
+                reader=inputs.recipe.reader,
+                seconds=round(seconds, 2),  # both splits
+                read=read,
+                dropped=read["dropped"],
+            )
+        else:
+            entry["held_out_from"] = inputs.name
+        entries[split.name] = entry
+    return entries
+
+
+# ---------------------------------------------------------------------------------------
+# The whole dataset
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    up_to_date: bool  # nothing was (re)built
+    built: tuple[str, ...]  # recipe sources (re)built in this run
+    reused: tuple[str, ...]  # recipe sources kept from an earlier run
+    tokenizer_trained: bool  # a tokenizer was trained in this run
+    seconds: float
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _shards_complete(directory: Path) -> bool:
+    try:
+        records.shard_paths(directory)
+    except DataError:
+        return False
+    return True
+
+
+def _tokenizer_file_hash(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    from jaxlm.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        return Tokenizer.load(path).fingerprint()
+    except (TokenizerError, OSError):
+        return None
+
+
+def _is_current(previous: dict[str, Any] | None, fingerprint: str, out_dir: Path) -> bool:
+    if not previous or previous.get("fingerprint") != fingerprint:
+        return False
+    entries = previous.get("sources")
+    if not isinstance(entries, dict):
+        return False
+    if any(not _shards_complete(out_dir / str(e.get("directory", name))) for name, e in entries.items()):
+        return False
+    return _tokenizer_file_hash(out_dir / TOKENIZER_FILE) == previous.get("tokenizer_sha256")
+
+
+def prepare(
+    recipe: Recipe,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    workers: int = 2,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    task_chars: int = 1_000_000,
+) -> PrepareResult:
+    """Build (or reuse) the prepared dataset of ``recipe`` in ``out_dir`` (default ``recipe.out``).
+
+    ``workers``: processes that tokenize and score (0: in this process, with the
+    tokenizer's own threads). ``data_dir`` overrides ``recipe.data_dir`` and
+    ``$JAXLM_DATA_DIR``. ``task_chars``: characters per chunk of work.
+    """
+    from jaxlm.paths import data_dir as find_data_dir
+
+    started = time.perf_counter()
+    target = out_dir if out_dir is not None else recipe.out
+    if target is None:
+        raise ConfigError("out: no output directory (give --out DIR, or out: in the recipe)")
+    if workers < 0:
+        raise ConfigError(f"workers: expected a non-negative integer, got {workers}")
+    out = Path(os.path.expanduser(os.fspath(target))).resolve()
+    root_override = data_dir if data_dir is not None else recipe.data_dir
+
+    @functools.cache
+    def data_root() -> Path:
+        if root_override is not None and not Path(os.path.expanduser(os.fspath(root_override))).is_dir():
+            raise DataError(f"data_dir: {os.fspath(root_override)} is not a directory (expected the corpora root)")
+        return find_data_dir(None if root_override is None else os.path.expanduser(os.fspath(root_override))).resolve()
+
+    resolved = {name: resolve_source(name, source, data_root) for name, source in recipe.sources.items()}
+    inputs = {name: input_fingerprints(r, recipe.fingerprint) for name, r in resolved.items()}
+    versions = output_versions(recipe)
+    given_tokenizer_hash = None
+    if recipe.tokenizer.path is not None:
+        given = load_tokenizer(recipe.tokenizer.path)
+        given_tokenizer_hash = given.fingerprint()
+    recipe_data = to_dict(dataclasses.replace(recipe, out=None, data_dir=None))
+    fingerprint = _digest(
+        {"recipe": recipe_data, "inputs": inputs, "versions": versions, "tokenizer": given_tokenizer_hash}
+    )
+
+    manifest_path = out / records.MANIFEST_FILE
+    previous_path = out / PREVIOUS_MANIFEST
+    current = _read_json(manifest_path)
+    if current is not None and _is_current(current, fingerprint, out):
+        log.info("%s: up to date (fingerprint %s)", out, fingerprint[:12])
+        return PrepareResult(out, current, True, (), tuple(recipe.sources), False, time.perf_counter() - started)
+
+    out.mkdir(parents=True, exist_ok=True)
+    # From here on no manifest claims the directory is complete; the previous one (moved
+    # aside) still tells which sources can be reused.
+    if manifest_path.exists():
+        os.replace(manifest_path, previous_path)
+    previous = current if current is not None else _read_json(previous_path)
+    previous_sources = previous.get("sources", {}) if previous else {}
+    if not isinstance(previous_sources, dict):
+        previous_sources = {}
+
+    # Tokenizer ---------------------------------------------------------------------------
+    tokenizer_file = out / TOKENIZER_FILE
+    sample_fp = None
+    trained = False
+    sample_chars = None
+    if recipe.tokenizer.path is not None:
+        tokenizer = given
+    else:
+        sample_fp = tokenizer_sample_fingerprint(recipe, inputs)
+        reusable = (
+            previous is not None
+            and previous.get("tokenizer_sample_fingerprint") == sample_fp
+            and _tokenizer_file_hash(tokenizer_file) == previous.get("tokenizer_sha256")
+        )
+        if reusable:
+            tokenizer = load_tokenizer(os.fspath(tokenizer_file))
+            sample_chars = previous.get("tokenizer_info", {}).get("sample_characters")
+        else:
+            tokenizer, sample_chars = train_tokenizer(recipe, resolved, progress)
+            trained = True
+    if trained or recipe.tokenizer.path is not None:
+        tokenizer.save(tokenizer_file)
+    reloaded = load_tokenizer(os.fspath(tokenizer_file))
+    if (reloaded.eos_id, reloaded.pad_id) != (tokenizer.eos_id, tokenizer.pad_id):
+        raise DataError(
+            f"{recipe.tokenizer.path}: its end-of-document/padding tokens ({tokenizer.eos_id}/{tokenizer.pad_id}) come "
+            f"from side files that {TOKENIZER_FILE} alone does not carry ({reloaded.eos_id}/{reloaded.pad_id} when "
+            "reloaded); use a tokenizer.json whose special tokens have standard names"
+        )
+    tokenizer_hash = tokenizer.fingerprint()
+    token_dtype = records.token_dtype_for_vocab(tokenizer.vocab_size)
+    common = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+
+    # Sources -----------------------------------------------------------------------------
+    entries: dict[str, dict[str, Any]] = {}
+    built: list[str] = []
+    reused: list[str] = []
+    source_fps = {
+        name: _digest(
+            {
+                "source": to_dict(source),
+                "read": to_dict(source.read or recipe.read),
+                "toxicity": to_dict(recipe.toxicity),
+                "inputs": inputs[name],
+                "tokenizer": tokenizer_hash,
+                "versions": versions,
+            }
+        )
+        for name, source in recipe.sources.items()
+    }
+    todo = []
+    for name, source in recipe.sources.items():
+        names = split_names(name, source)
+        old = [previous_sources.get(n) for n in names]
+        if all(
+            isinstance(e, dict)
+            and e.get("fingerprint") == source_fps[name]
+            and e.get("directory") == n
+            and _shards_complete(out / n)
+            for n, e in zip(names, old)
+        ):
+            entries.update({n: dict(e) for n, e in zip(names, old)})
+            reused.append(name)
+        else:
+            todo.append(name)
+    if todo:
+        with ChunkRunner(workers, tokenizer.to_json(), token_dtype, recipe.toxicity) as runner:
+            for name in todo:
+                source = recipe.sources[name]
+                made = build_source(
+                    resolved[name], source.read or recipe.read, out, runner, token_dtype,
+                    task_chars=task_chars, progress=progress,
+                )
+                for entry in made.values():
+                    entry["fingerprint"] = source_fps[name]
+                made[name]["inputs"] = inputs[name]
+                entries.update(made)
+                built.append(name)
+    wanted = {n for name, source in recipe.sources.items() for n in split_names(name, source)}
+    for stale in set(previous_sources) - wanted:  # sources dropped from the recipe: their shards go
+        clear_source_dir(out / str(previous_sources[stale].get("directory", stale)))
+    ordered = {n: {**common, **entries[n]} for name, s in recipe.sources.items() for n in split_names(name, s)}
+
+    seconds = time.perf_counter() - started
+    built_names = {n for name in built for n in split_names(name, recipe.sources[name])}
+    text_bytes = sum(e.get("text_bytes", 0) for n, e in ordered.items() if n in built_names)
+    build_seconds = sum(e.get("seconds", 0.0) for n, e in ordered.items() if n in built)
+    extra = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+        "tokenizer_sha256": tokenizer_hash,
+        "tokenizer_sample_fingerprint": sample_fp,
+        "tokenizer_info": {
+            **common,
+            "origin": recipe.tokenizer.path or "trained",
+            "sample_characters": sample_chars,
+        },
+        "toxicity": {
+            "enabled": recipe.toxicity.enabled,
+            "scorer": TOXICITY_SCORER if recipe.toxicity.enabled else None,
+            "chunk_chars": recipe.toxicity.chunk_chars,
+            "fields": "toxicity: character-weighted mean of chunk scores; toxicity_max: highest chunk score",
+        },
+        "dropped": _sum_drops(ordered.values()),
+        "data_dir": os.fspath(data_root()) if any(r.root is not None for r in resolved.values()) else None,
+        "recipe": to_dict(recipe),
+        "versions": {**environment_versions(), **versions},
+        "run": {
+            "seconds": round(seconds, 2),
+            "workers": workers,
+            "built": built,
+            "reused": reused,
+            "tokenizer_trained": trained,
+            "text_megabytes": round(text_bytes / 1e6, 3),
+            "megabytes_per_second": round(text_bytes / 1e6 / build_seconds, 3) if build_seconds else None,
+            "megabytes_per_second_with_tokenizer": round(text_bytes / 1e6 / seconds, 3) if text_bytes else None,
+        },
+    }
+    records.write_manifest(out, ordered, tokenizer=TOKENIZER_FILE, extra=extra)
+    previous_path.unlink(missing_ok=True)
+    manifest = _read_json(manifest_path) or {}
+    return PrepareResult(out, manifest, False, tuple(built), tuple(reused), trained, seconds)
+
+
+def _sum_drops(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
+    total: collections.Counter = collections.Counter()
+    for entry in entries:
+        total.update(entry.get("dropped", {}))
+    return dict(sorted(total.items()))
