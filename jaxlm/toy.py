@@ -97,7 +97,7 @@ class ToyConfig:
     probe_C: tuple[float, ...] = (1.0, 0.01, 100.0)  # inverse L2 strengths; the first is the primary one
     probe_balanced: bool = False  # class-balanced sample weights in the logistic regressions
     probe_from: int = 4  # first position probed (from one full cycle on every prefix names its feature)
-    probe_sequences: int = 32  # sequences per feature to probe on when transitions are noisy
+    probe_sequences: int = 8  # sequences per feature to probe on when transitions are noisy
     layer: int = -1  # primary layer (index into resid_post); every layer is measured
     newton_iterations: int = 30
 
@@ -130,8 +130,8 @@ class ToyConfig:
         bad_checkpoints = [s for s in self.checkpoints if not 0 < s < self.steps]
         if bad_checkpoints:
             raise ConfigError(f"toy.checkpoints: expected steps in (0, {self.steps}), got {bad_checkpoints}")
-        if not self.shares or any(s <= 0 for s in self.shares):
-            raise ConfigError(f"toy.shares: expected positive numbers, got {list(self.shares)}")
+        if not self.shares or any(s <= 0 for s in self.shares) or list(self.shares) != sorted(set(self.shares)):
+            raise ConfigError(f"toy.shares: expected increasing positive numbers, got {list(self.shares)}")
         if not self.probe_C or any(c <= 0 for c in self.probe_C):
             raise ConfigError(f"toy.probe_C: expected positive numbers, got {list(self.probe_C)}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
@@ -444,6 +444,25 @@ def _average_unit(per_token: Array, valid: Array) -> Array:
     return unit(summed)
 
 
+def _group_by_token(features: Any, tokens: Any, n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the points of each token, padded: (index [X, n], features [X, n], valid [X, n]).
+
+    Per-token fits then touch only that token's points (4x less work than masking all of them).
+    ``features`` and ``tokens`` must be concrete (they are fixed by the probe set).
+    """
+    try:
+        features, tokens = np.asarray(features), np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
+        raise TypeError("probe features and tokens must be concrete arrays, not traced values") from None
+    groups = [np.flatnonzero(tokens == x) for x in range(n_tokens)]
+    width = max(1, max(len(g) for g in groups))
+    index = np.zeros((n_tokens, width), np.int32)
+    valid = np.zeros((n_tokens, width), bool)
+    for x, g in enumerate(groups):
+        index[x, : len(g)], valid[x, : len(g)] = g, True
+    return index, np.where(valid, features[index], -1).astype(np.int32), valid
+
+
 def _token_feature_masks(features: Array, tokens: Array, n_features: int, n_tokens: int) -> tuple[Array, Array]:
     is_token = tokens[None, :] == jnp.arange(n_tokens)[:, None]  # [X, N]
     is_feature = features[None, :] == jnp.arange(n_features)[:, None]  # [F, N]
@@ -459,21 +478,24 @@ def probe_directions(
     ``acts`` [N, d] residual-stream vectors at positions whose current token is ``tokens`` [N]
     and whose sequence is feature ``features`` [N]. Returns [F, d] unit directions.
     """
-    is_token, is_feature = _token_feature_masks(features, tokens, n_features, n_tokens)
-    x = acts.astype(jnp.float32)
+    index, token_features, valid = _group_by_token(features, tokens, n_tokens)
+    x_by_token = acts.astype(jnp.float32)[index]  # [X, n, d]
 
-    def one(token_mask, feature_mask):
-        y = feature_mask.astype(jnp.float32)
-        weight = token_mask.astype(jnp.float32)
+    def one(x, point_features, point_valid, feature):
+        y = (point_features == feature).astype(jnp.float32)
+        weight = point_valid.astype(jnp.float32)
         n_pos, n_all = jnp.sum(weight * y), jnp.sum(weight)
         if balanced:  # scikit-learn's class_weight="balanced"
-            weight = weight * jnp.where(y > 0, n_all / (2 * jnp.maximum(n_pos, 1)), n_all / (2 * jnp.maximum(n_all - n_pos, 1)))
+            pos_weight = n_all / (2 * jnp.maximum(n_pos, 1))
+            neg_weight = n_all / (2 * jnp.maximum(n_all - n_pos, 1))
+            weight = weight * jnp.where(y > 0, pos_weight, neg_weight)
         w, _ = fit_logistic(x, y, weight, C, iterations)
         return w, (n_pos > 0) & (n_pos < n_all)
 
-    per_feature = jax.vmap(one, in_axes=(None, 0))
-    normals, valid = jax.vmap(per_feature, in_axes=(0, None))(is_token, is_feature)  # [X, F, d], [X, F]
-    return _average_unit(normals, valid)
+    per_feature = jax.vmap(one, in_axes=(None, None, None, 0))
+    per_token = jax.vmap(per_feature, in_axes=(0, 0, 0, None))
+    normals, ok = per_token(x_by_token, jnp.asarray(token_features), jnp.asarray(valid), jnp.arange(n_features))
+    return _average_unit(normals, ok)  # normals [X, F, d]
 
 
 def mass_mean_directions(acts: Array, features: Array, tokens: Array, n_features: int, n_tokens: int) -> Array:
@@ -493,20 +515,21 @@ def multinomial_directions(
     balanced: bool = False, iterations: int = 30,
 ) -> Array:
     """Per token, one softmax probe over all features; feature i's class weights, mean unit vector."""
-    is_token, is_feature = _token_feature_masks(features, tokens, n_features, n_tokens)
-    x = acts.astype(jnp.float32)
+    index, token_features, valid = _group_by_token(features, tokens, n_tokens)
+    x_by_token = acts.astype(jnp.float32)[index]  # [X, n, d]
 
-    def one(token_mask):
-        weight = token_mask.astype(jnp.float32)
-        counts = jnp.sum(is_feature * weight[None, :], axis=1)  # [F]
+    def one(x, point_features, point_valid):
+        weight = point_valid.astype(jnp.float32)
+        labels = jnp.maximum(point_features, 0)  # padding (-1) has weight 0
+        counts = jnp.sum(jax.nn.one_hot(labels, n_features) * weight[:, None], axis=0)  # [F]
         if balanced:
             per_class = jnp.sum(weight) / (jnp.maximum(jnp.sum(counts > 0), 1) * jnp.maximum(counts, 1))
-            weight = weight * per_class[features]
-        w, _ = fit_multinomial(x, features, weight, n_features, C, iterations)
+            weight = weight * per_class[labels]
+        w, _ = fit_multinomial(x, labels, weight, n_features, C, iterations)
         return w, counts > 0
 
-    weights, valid = jax.vmap(one)(is_token)  # [X, F, d], [X, F]
-    return _average_unit(weights, valid)
+    weights, ok = jax.vmap(one)(x_by_token, jnp.asarray(token_features), jnp.asarray(valid))  # [X, F, d], [X, F]
+    return _average_unit(weights, ok)
 
 
 def centroid_directions(acts: Array, features: Array, n_features: int) -> Array:
@@ -842,7 +865,8 @@ def plot_entanglement(results: dict[str, Any], path: str | Path, title: str | No
 def results_table(results: dict[str, Any]) -> str:
     """Markdown table of the primary setting: both groups and the paired difference per share."""
     lines = [
-        "| share | rare data | underrepresented E (95% CI) | control E (95% CI) | difference (95% CI) | p (t) | p (Wilcoxon) | next-token acc. rare / control |",
+        "| share | rare data | underrepresented E (95% CI) | control E (95% CI) | difference (95% CI) "
+        "| p (t) | p (Wilcoxon) | next-token acc. rare / control |",
         "|---|---|---|---|---|---|---|---|",
     ]
 

@@ -1,5 +1,6 @@
 """The toy superposition experiment: data, geometry, estimators, statistics, end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -187,7 +188,7 @@ def test_cli_end_to_end(tmp_path):
     code = main([
         "toy", "--out", str(out), "--seeds", "2", "--shares", "0.01", "1", "--steps", "40", "--no-progress",
         "checkpoints=[20]", "probe_C=[1.0, 0.1]", "optimizer.warmup_steps=0", "optimizer.lr=0.01",
-        "model.n_layers=2", "newton_iterations=10",
+        "model.n_layers=1", "newton_iterations=10",
     ])
     assert code == 0
     results = json.loads((out / "toy_results.json").read_text())
@@ -201,8 +202,24 @@ def test_cli_end_to_end(tmp_path):
         assert diff["mean"] == pytest.approx(record["underrepresented"]["mean"] - record["control"]["mean"], abs=1e-5)
     assert results["welch_bound"] == pytest.approx(toy.welch_bound(12, 4), abs=1e-5)
     assert results["welch_bound"] < results["random_level"]["mean"] < 1
-    assert results["primary"] == {"method": "probe", "C": 1.0, "layer": 1, "step": 40}
-    # 4 methods, 2 layers, 2 checkpoints; C varies for the probe and multinomial methods only.
-    assert len(results["grid"]) == (2 * 2 + 2) * 2 * 2
+    assert results["primary"] == {"method": "probe", "C": 1.0, "layer": 0, "step": 40}
+    # 4 methods, 1 layer, 2 checkpoints; C varies for the probe and multinomial methods only.
+    assert len(results["grid"]) == (2 * 2 + 2) * 1 * 2
     assert np.asarray(results["per_seed"]["underrepresented"]).shape == (2, 2)
     assert results["final_loss"]["max"] < math.log(4)  # learned something in 40 steps
+
+
+@pytest.mark.parametrize("kind", ["learned", "none"])
+def test_position_embedding_variants(kind):
+    """``none``: one block sees its prefix as a set (swapping earlier tokens changes nothing)."""
+    from jaxlm import model as model_lib
+
+    cfg = dataclasses.replace(toy.TOY_MODEL, position_embedding=kind, init_std=0.5, n_layers=1)
+    params = model_lib.init_params(cfg, 0)
+    assert ("position_embedding" in params) == (kind == "learned")
+    if kind == "learned":
+        assert params["position_embedding"].shape == (cfg.max_seq_len, cfg.d_model)
+    tokens = jnp.asarray([[0, 1, 2, 3], [1, 0, 2, 3]])
+    logits = model_lib.forward(cfg, params, tokens).logits
+    gap = float(jnp.abs(logits[0, -1] - logits[1, -1]).max())
+    assert (gap < 1e-5) if kind == "none" else (gap > 1e-4)

@@ -2,10 +2,11 @@
 
 Each ablation is the default sweep (experiments/toy/configs/default.yaml) with a few fields
 changed, run over fewer shares to keep compute modest. Every run writes
-``OUT/<name>/toy_results.json`` and its plot; ``OUT/ablations.json`` and ``OUT/ablations.md``
-summarise the paired gap (underrepresented - control entanglement) at the lowest and the
-highest share for each run, plus the measurement-level ablations (layer, direction method,
-probe C, training length) read from every run's grid. Finished runs are reused (delete
+``OUT/<name>/toy_results.json`` and its plot. ``OUT/ablations.md`` summarises the paired gap
+(underrepresented - control entanglement) at the lowest and the highest share for each run, plus
+the measurement-level ablations (layer, direction method, probe C, training length) read from
+every run's grid; ``OUT/ablations.json`` holds the primary rows and every grid cell with
+p < 0.01 at the lowest share. Finished runs are reused (delete
 their directory to redo one).
 
     python experiments/toy/run_ablations.py --out experiments/results/toy/ablations \
@@ -19,6 +20,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from jaxlm.toy import load_toy_config, run_study, write_results
 
@@ -89,17 +92,31 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['run']} | {' '.join(r['overrides']) or '(default)'} | {fmt_gap(r['lowest'])} | "
                 f"{fmt_gap(r['highest'])} | {'yes' if r['reproduced'] else 'no'} |"
             )
-    significant = [r for r in rows if r["lowest"]["p"] is not None and r["lowest"]["p"] < 0.01]
     lines += [
         "",
-        f"Grid cells (run x method x C x layer x step) with p < 0.01 at the lowest share: "
-        f"{len(significant)} of {len(rows)} "
-        f"({sum(r['lowest']['gap'] > 0 for r in significant)} with rare > control).",
+        "Grid cells with p < 0.01 at the lowest share, per run and training step "
+        "(cells: 4 methods x C values x 4 layers; `+` rare more entangled, `-` less):",
+        "",
     ]
-    if significant:
-        lines += ["", "| run | method | C | layer | step | gap at lowest share |", "|---|---|---|---|---|---|"]
-        for r in sorted(significant, key=lambda r: r["lowest"]["p"]):
-            lines.append(f"| {r['run']} | {r['method']} | {r['C']} | {r['layer']} | {r['step']} | {fmt_gap(r['lowest'])} |")
+    steps = sorted({r["step"] for r in rows})
+    lines += ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for run in dict.fromkeys(r["run"] for r in rows):
+        cells = []
+        for step in steps:
+            here = [r for r in rows if r["run"] == run and r["step"] == step]
+            if not here:
+                cells.append("")
+                continue
+            sig = [r for r in here if r["lowest"]["p"] is not None and r["lowest"]["p"] < 0.01]
+            plus = sum(r["lowest"]["gap"] > 0 for r in sig)
+            cells.append(f"+{plus} / -{len(sig) - plus} of {len(here)}")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    positive = [r for r in rows if r["lowest"]["p"] is not None and r["lowest"]["p"] < 0.01 and r["lowest"]["gap"] > 0]
+    for r in positive:
+        lines.append(
+            f"\nRare > control at p < 0.01: {r['run']}, {r['method']} C={r['C']} layer {r['layer']} step {r['step']}: "
+            f"{fmt_gap(r['lowest'])}; at share 1: {fmt_gap(r['highest'])}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +142,37 @@ def forest_plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_length_plot(results: dict, path: Path, method: str = "probe", C: float = 1.0) -> None:
+    """Both groups' entanglement against share at every measured step (one run, its last layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer = results["primary"]["layer"]
+    entries = [g for g in results["grid"] if g["method"] == method and g["C"] == C and g["layer"] == layer]
+    fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 3.4), sharey=True)
+    for ax, entry in zip(axes, sorted(entries, key=lambda g: g["step"])):
+        shares = [r["share"] for r in entry["shares"]]
+        for group, color in (("underrepresented", "tab:red"), ("control", "tab:blue")):
+            mean, lo, hi = (np.asarray([r[group][k] for r in entry["shares"]]) for k in range(3))
+            ax.plot(shares, mean, "o-", color=color, ms=3, label=group)
+            ax.fill_between(shares, lo, hi, color=color, alpha=0.2)
+        for r in entry["shares"]:
+            if r["p_value"] is not None and r["p_value"] < 0.01:
+                ax.annotate("*", (r["share"], max(r["underrepresented"][2], r["control"][2])), ha="center")
+        ax.axhline(results["random_level"]["mean"], color="gray", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"step {entry['step']}")
+        ax.set_xlabel("share")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"entanglement ({method}, layer {layer})")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -158,12 +206,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     if args.baseline:
-        rows += summarise_run(BASELINE, [], json.loads(Path(args.baseline).read_text()))
+        baseline = json.loads(Path(args.baseline).read_text())
+        rows += summarise_run(BASELINE, [], baseline)
+        training_length_plot(baseline, out / "training_length.png")
     for name in ABLATIONS:  # summarise everything present, in a fixed order
         path = out / name / "toy_results.json"
         if path.exists():
             rows += summarise_run(name, ABLATIONS[name], json.loads(path.read_text()))
-    (out / "ablations.json").write_text(json.dumps(rows, indent=1) + "\n")
+    significant = [r for r in rows if r["lowest"]["p"] is not None and r["lowest"]["p"] < 0.01]
+    summary = {"primary": [r for r in rows if r["primary"]], "significant_at_lowest_share": significant}
+    (out / "ablations.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "ablations.md").write_text(markdown(rows))
     forest_plot(rows, out / "ablations.png")
     print(markdown(rows))

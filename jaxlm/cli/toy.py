@@ -66,7 +66,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--quick", action="store_true", help="small demo sweep (4 shares x 5 seeds, short training)")
+    parser.add_argument("--quick", action="store_true", help="small demo sweep (3 shares x 5 seeds, 1,000 steps, about a minute)")
     parser.add_argument("--config", help="YAML ToyConfig (e.g. experiments/toy/configs/default.yaml)")
     parser.add_argument("--seeds", type=int, help="seeds per share")
     parser.add_argument("--shares", type=float, nargs="+", help="rare chain's weight relative to a control chain")
