@@ -227,7 +227,10 @@ def load_davidson(
     return _require_both_classes(_dedupe(rows, "davidson"), f"davidson ({path})")
 
 
-def _rtp_records(path: Path) -> Iterator[tuple[int, dict]]:
+def rtp_records(path: Path, error: type[ValueError] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of an RTP JSONL file; read or parse
+    failures raise ``error`` (default ``LabelledDataError``) naming the file and line."""
+    error = error or LabelledDataError
     try:
         with open_text(path) as handle:
             for line_no, line in enumerate(handle, start=1):
@@ -236,12 +239,12 @@ def _rtp_records(path: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise LabelledDataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                    raise error(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
                 if not isinstance(record, dict):
-                    raise LabelledDataError(f"{path}: line {line_no}: expected a JSON object")
+                    raise error(f"{path}: line {line_no}: expected a JSON object")
                 yield line_no, record
     except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise LabelledDataError(f"{path}: cannot read RTP JSONL ({err})") from None
+        raise error(f"{path}: cannot read RTP JSONL ({err})") from None
 
 
 def load_rtp(
@@ -266,7 +269,7 @@ def load_rtp(
     rows: list[tuple[str, int, str]] = []
     for stem in ("toxic", "nontoxic"):
         path = _find(f"{RTP_DIR}/{stem}.jsonl", data_dir)
-        for line_no, record in _rtp_records(path):
+        for line_no, record in rtp_records(path):
             for part in parts:
                 entry = record.get(part)
                 if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import expit
 
-from jaxlm.data.labelled import open_text
+from jaxlm.data.labelled import rtp_records
 from jaxlm.paths import MissingDataError, dataset_path
 
 log = logging.getLogger(__name__)
@@ -334,18 +334,8 @@ def load_rtp_scores(data_dir: str | os.PathLike | None = None) -> list[ScoredTex
     rows: list[ScoredText] = []
     for relative in RTP_FILES:
         path = dataset_path(relative, data_dir)
-        try:
-            with open_text(path) as handle:
-                for line_no, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ToxicityModelError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
-                    rows += _scored_parts(record, f"{path}: line {line_no}")
-        except (OSError, UnicodeDecodeError, EOFError) as err:
-            raise ToxicityModelError(f"{path}: cannot read RTP JSONL ({err})") from None
+        for line_no, record in rtp_records(path, ToxicityModelError):
+            rows += _scored_parts(record, f"{path}: line {line_no}")
     return rows
 
 
