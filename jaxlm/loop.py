@@ -352,7 +352,8 @@ def train(
                 if pending is not None:
                     check_finite(*pending)
                 pending = (step, metrics, sources)
-                must_save = step % config.checkpoint.every == 0 or step == stop_at or signal_flag["signal"]
+                received = signal_flag["signal"]  # read once: a signal arriving later is seen next step
+                must_save = step % config.checkpoint.every == 0 or step == stop_at or received
                 if step % config.log_every == 0 or must_save:
                     check_finite(*pending)
                     pending = None
@@ -376,8 +377,8 @@ def train(
                     progress.update(1)
                 if must_save:
                     ckpt.save(manager, step, state, pipeline.get_state(), meta(step), force=True)
-                if signal_flag["signal"]:
-                    stopped_by = signal_flag["signal"]
+                if received:
+                    stopped_by = received
                     log.warning("%s received: checkpoint saved at step %d, stopping", stopped_by, step)
                     break
     finally:
