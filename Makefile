@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python experiments/smoke.py --out runs/smoke
+	$(BIN)/jaxlm sweep experiments/configs/sweep-mini.yaml --out runs/demo
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -43,12 +43,21 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class EvalSetConfig:
     """A held-out text set: a plain text file (``.txt``/``.gz``, tokenized with the run's
-    tokenizer and cut into ``seq_len`` windows) or a prepared source directory."""
+    tokenizer and cut into ``seq_len`` windows) or a prepared source directory.
+
+    ``path`` may use environment variables, e.g. ``$JAXLM_DATA_DIR/eval/wikitext2/valid.txt``.
+    """
 
     name: str
     path: str
     kind: str = "text"  # "text" | "prepared"
     max_sequences: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("text", "prepared"):
+            raise ConfigError(f"eval_sets[{self.name}].kind: expected 'text' or 'prepared', got {self.kind!r}")
+        if self.max_sequences <= 0:
+            raise ConfigError(f"eval_sets[{self.name}].max_sequences: expected a positive integer, got {self.max_sequences}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,13 +225,16 @@ def _eval_batches(eval_set: EvalSetConfig, tokenizer, seq_len: int, batch_size: 
     from jaxlm.data.sources import read_text
 
     need = eval_set.max_sequences * seq_len
+    path = Path(os.path.expandvars(os.path.expanduser(eval_set.path)))
+    if "$" in str(path):
+        raise ConfigError(f"eval_sets[{eval_set.name}].path: unset environment variable in {eval_set.path!r}")
+    if not path.exists():
+        raise ConfigError(f"eval_sets[{eval_set.name}].path: {path} does not exist")
     if eval_set.kind == "text":
-        text = read_text(Path(eval_set.path))
+        text = read_text(path)
         stream = np.asarray(tokenizer.encode(text), np.int32)[:need]
-    elif eval_set.kind == "prepared":
-        stream = iter_prepared_tokens(Path(eval_set.path), need)
     else:
-        raise ConfigError(f"eval_sets[{eval_set.name}].kind: expected 'text' or 'prepared', got {eval_set.kind!r}")
+        stream = iter_prepared_tokens(path, need)
     n_seq = len(stream) // seq_len
     if n_seq == 0:
         raise ConfigError(f"eval set {eval_set.name!r} ({eval_set.path}): fewer than seq_len={seq_len} tokens")

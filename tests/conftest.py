@@ -83,3 +83,46 @@ def tiny_prepared(tmp_path_factory):
         )
     records.write_manifest(root, infos, tokenizer="tokenizer.json")
     return root
+
+
+# ---------------------------------------------------------------------------------------
+# A crafted data directory with the layout of ../shared/data (CLI and sweep tests)
+# ---------------------------------------------------------------------------------------
+
+MEAN = ["you stupid idiot", "those people are trash", "I hate them all", "get out worthless scum"]
+KIND = ["the river ran past old houses", "children read books under trees", "a quiet morning walk", "old stone bridges"]
+
+
+@pytest.fixture(scope="session")
+def crafted_data_dir(tmp_path_factory):
+    """Labelled ToxiGen prompts, RTP prompts, WikiText-2 and BLiMP files filled with crafted
+    text, plus synthetic clean/toxic corpora as JSONL (``corpora/{clean,toxic}.jsonl``)."""
+    import gzip
+    import json
+
+    root = tmp_path_factory.mktemp("data")
+    prompts = root / "labelled" / "toxigen" / "prompts"
+    prompts.mkdir(parents=True)
+    for label, lines in (("hate", MEAN), ("neutral", KIND)):
+        for group in ("groupa", "groupb"):
+            text = "\n".join("\\n".join(f"- {lines[(i + j) % 4]} {group}" for j in range(3)) + "\\n-" for i in range(4))
+            (prompts / f"{label}_{group}_1k.txt.gz").write_bytes(gzip.compress(text.encode()))
+    rtp = root / "eval" / "rtp"
+    rtp.mkdir(parents=True)
+    for name, lines, score in (("toxic", MEAN, 0.9), ("nontoxic", KIND, 0.05)):
+        with (rtp / f"{name}.jsonl").open("w") as f:
+            for line in lines:
+                f.write(json.dumps({"prompt": {"text": line, "toxicity": score}, "continuation": {"text": line, "toxicity": score}}) + "\n")
+    wiki = root / "eval" / "wikitext2"
+    wiki.mkdir(parents=True)
+    (wiki / "test.txt").write_text(" = Article = \n\n " + " . ".join(KIND * 5) + " \n\n = Other = \n\n " + " , ".join(KIND) + " \n")
+    blimp = root / "eval" / "blimp"
+    blimp.mkdir(parents=True)
+    pairs = [{"sentence_good": "the river ran", "sentence_bad": "the ran river", "field": "syntax", "UID": "p"}] * 3
+    (blimp / "word_order.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    corpora = root / "corpora"
+    corpora.mkdir()
+    for name, words, seed in (("clean", CLEAN_WORDS, 0), ("toxic", TOXIC_WORDS, 1)):
+        docs = synthetic_documents(words, 200, seed)
+        (corpora / f"{name}.jsonl").write_text("".join(json.dumps({"text": t, "id": f"{name}-{i}"}) + "\n" for i, t in enumerate(docs)))
+    return root

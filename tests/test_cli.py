@@ -1,43 +1,12 @@
 """The command line end to end on a real (tiny) trained checkpoint and a crafted data directory:
 train -> probe -> iti -> generate -> eval."""
 
-import gzip
 import json
 
 import pytest
 import yaml
 
 from jaxlm.cli import main
-
-MEAN = ["you stupid idiot", "those people are trash", "I hate them all", "get out worthless scum"]
-KIND = ["the river ran past old houses", "children read books under trees", "a quiet morning walk", "old stone bridges"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A data directory with the layout of ../shared/data, filled with crafted text."""
-    root = tmp_path_factory.mktemp("data")
-    prompts = root / "labelled" / "toxigen" / "prompts"
-    prompts.mkdir(parents=True)
-    for label, lines in (("hate", MEAN), ("neutral", KIND)):
-        for group in ("groupa", "groupb"):
-            text = "\n".join("\\n".join(f"- {lines[(i + j) % 4]} {group}" for j in range(3)) + "\\n-" for i in range(4))
-            (prompts / f"{label}_{group}_1k.txt.gz").write_bytes(gzip.compress(text.encode()))
-    rtp = root / "eval" / "rtp"
-    rtp.mkdir(parents=True)
-    for name, lines, score in (("toxic", MEAN, 0.9), ("nontoxic", KIND, 0.05)):
-        with (rtp / f"{name}.jsonl").open("w") as f:
-            for line in lines:
-                f.write(json.dumps({"prompt": {"text": line, "toxicity": score}, "continuation": {"text": line, "toxicity": score}}) + "\n")
-    wiki = root / "eval" / "wikitext2"
-    wiki.mkdir(parents=True)
-    (wiki / "test.txt").write_text(" = Article = \n\n " + " . ".join(KIND * 5) + " \n\n = Other = \n\n " + " , ".join(KIND) + " \n")
-    blimp = root / "eval" / "blimp"
-    blimp.mkdir(parents=True)
-    pairs = [{"sentence_good": "the river ran", "sentence_bad": "the ran river", "field": "syntax", "UID": "p"}] * 3
-    (blimp / "word_order.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
-    return root
-
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_prepared, tmp_path_factory):
@@ -56,7 +25,8 @@ def run_dir(tiny_prepared, tmp_path_factory):
     return root / "run"
 
 
-def test_train_probe_iti_generate_eval(run_dir, data_dir, tmp_path, capsys):
+def test_train_probe_iti_generate_eval(run_dir, crafted_data_dir, tmp_path, capsys):
+    data_dir = crafted_data_dir
     assert (run_dir / "checkpoints" / "20").is_dir()
     probe_dir = tmp_path / "probe"
     assert main(["probe", "--checkpoint", str(run_dir), "--data", "toxigen", "--data-dir", str(data_dir),

@@ -202,3 +202,31 @@ def test_one_device_and_eight_device_meshes_give_the_same_losses(tiny_prepared):
     np.testing.assert_allclose(results["2x2x2"], results["1"], rtol=2e-5)
     np.testing.assert_allclose(results["fsdp8"], results["1"], rtol=2e-5)
     assert results["1"][-1] < results["1"][0]
+
+
+def test_example_configs_train_and_evaluate_held_out_sets(tiny_prepared, tmp_path, monkeypatch):
+    """experiments/configs/train-tiny.yaml trains as shipped (pointed at a synthetic dataset), with
+    held-out sets given as a text file under $JAXLM_DATA_DIR and as a prepared source."""
+    from pathlib import Path
+
+    from jaxlm.loop import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    monkeypatch.setenv("JAXLM_DATA_DIR", str(tmp_path))
+    (tmp_path / "held_out.txt").write_text("the river ran past old stone houses. " * 80)
+    eval_sets = [{"name": "text", "path": "$JAXLM_DATA_DIR/held_out.txt", "max_sequences": 4},
+                 {"name": "toxic", "path": str(tiny_prepared / "toxic"), "kind": "prepared", "max_sequences": 4}]
+    overrides = [f"data.dataset={tiny_prepared}", "model.vocab_size=320", "data.sources={clean: 0.9, toxic: 0.1}",
+                 "tensorboard=false", f"eval_sets={json.dumps(eval_sets)}"]
+    config = load_train_config(configs / "train-tiny.yaml", overrides)
+    result = train(config, tmp_path / "run", show_progress=False)
+    assert result.step == config.steps == 20
+    final = read_metrics(tmp_path / "run")[-1]["eval"]
+    assert set(final) == {"text", "toxic"} and all(np.isfinite(v) and v > 0 for v in final.values())
+    assert load_train_config(configs / "train-cpu-small-pol10.yaml").model.d_model == 256
+
+    monkeypatch.delenv("JAXLM_DATA_DIR")
+    with pytest.raises(Exception, match=r"eval_sets\[text\]\.path: unset environment variable"):
+        train(config, tmp_path / "run2", show_progress=False)
+    with pytest.raises(Exception, match=r"eval_sets\[x\]\.kind"):
+        load_train_config(configs / "train-tiny.yaml", ['eval_sets=[{"name": "x", "path": "p", "kind": "html"}]'])

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loader import time_loader, time_training  # noqa: E402  (same directory)
+from bench_loader import interleaved_rates, loader_table, publish, time_loader, time_training  # noqa: E402  (same directory)
 
 SECTION = "## Data preparation and loading (real corpora)"
 
@@ -144,11 +144,7 @@ def loader_throughput(full: Path, args) -> dict:
         "pol only (short posts: worst case)": config({"pol": 1.0}),
         "gutenberg only": config({"gutenberg": 1.0}),
     }
-    results: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(args.loader_repeats):
-        for name, cfg in variants.items():
-            results[name].append(time_loader(cfg, args.batches, 5))
-            print(f"repeat {repeat}: {name}: {results[name][-1]:,.0f} tokens/s", flush=True)
+    results = interleaved_rates(variants, args.loader_repeats, lambda cfg: time_loader(cfg, args.batches, 5))
     train = time_training(variants["gutenberg 90% / pol 10% (defaults)"], args.train_steps) if args.train_steps else None
     if train:
         print(f"cpu-small train step: compile+first {train[0]:.1f} s, {train[1]:,.0f} tokens/s")
@@ -249,11 +245,8 @@ def main() -> None:
         f"{args.batches} batches per window after 5 warm-up batches of a fresh pipeline, variants interleaved, "
         f"{args.loader_repeats} repeats, medians.",
         "",
-        "| loader variant | tokens/s (median) | range |",
-        "|---|---|---|",
+        *loader_table(results),
     ]
-    for name, values in results.items():
-        lines.append(f"| {name} | {loader_medians[name]:,.0f} | {min(values):,.0f}-{max(values):,.0f} |")
     if loader["train"]:
         train = loader["train"][1]
         default = loader_medians["gutenberg 90% / pol 10% (defaults)"]
@@ -264,11 +257,7 @@ def main() -> None:
             f"{args.seq_len}, {args.train_steps} steps after compilation) runs at **{train:,.0f} tokens/s**; the 90/10 "
             f"loader is **{default / train:,.0f}x** faster (pol only: {worst / train:,.0f}x); the target is at least 10x.",
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as handle:
-            handle.write(text)
+    publish(lines, args.append)
     print(json.dumps({"prepare": prep["runs"], "loader": loader_medians}, indent=1))
 
 

@@ -95,6 +95,33 @@ def time_loader(config, batches: int, warmup: int, tag=None) -> float:
     return batches * config.batch_size * config.seq_len / seconds
 
 
+def interleaved_rates(variants: dict, repeats: int, rate) -> dict[str, list[float]]:
+    """Tokens/s ``rate(variant)`` per variant name, the variants interleaved over ``repeats`` rounds."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, variant in variants.items():
+            results[name].append(rate(variant))
+            print(f"repeat {repeat}: {name}: {results[name][-1]:,.0f} tokens/s", flush=True)
+    return results
+
+
+def loader_table(results: dict[str, list[float]]) -> list[str]:
+    """Markdown table lines: median and range of tokens/s per loader variant."""
+    lines = ["| loader variant | tokens/s (median) | range |", "|---|---|---|"]
+    for name, values in results.items():
+        lines.append(f"| {name} | {statistics.median(values):,.0f} | {min(values):,.0f}-{max(values):,.0f} |")
+    return lines
+
+
+def publish(lines: list[str], append: Path | None) -> None:
+    """Print a markdown section and, when ``append`` is given, append it to that file."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if append:
+        with open(append, "a", encoding="utf-8") as handle:
+            handle.write(text)
+
+
 def time_restore(config, after: int) -> float:
     """Seconds to build a pipeline from a state saved after ``after`` batches, and get one batch."""
     from jaxlm.data.pipeline import build_pipeline
@@ -176,11 +203,12 @@ def main() -> None:
             "posts only": (make_config(root, {"posts": 1.0}, args), None),
             "books only": (make_config(root, {"books": 1.0}, args), None),
         }
-        results: dict[str, list[float]] = {name: [] for name in variants}
-        for repeat in range(args.repeats):
-            for name, (config, tag) in variants.items():
-                results[name].append(time_loader(config, args.batches, args.warmup, tag))
-                print(f"repeat {repeat}: {name}: {results[name][-1]:,.0f} tokens/s", flush=True)
+
+        def rate(variant) -> float:
+            config, tag = variant
+            return time_loader(config, args.batches, args.warmup, tag)
+
+        results = interleaved_rates(variants, args.repeats, rate)
         restore_s = statistics.median(time_restore(variants[next(iter(variants))][0], 100) for _ in range(args.repeats))
         print(f"restore after 100 batches + first batch: {restore_s * 1000:.0f} ms")
         train = time_training(variants[next(iter(variants))][0], args.train_steps) if args.train_steps else None
@@ -207,12 +235,7 @@ def main() -> None:
         f"- machine: 2-core CPU VM (load average at the end {os.getloadavg()[0]:.1f}), shared with other jobs",
         f"- date: {datetime.date(2026, 11, 23).isoformat()}",
         "",
-        "| loader variant | tokens/s (median) | range |",
-        "|---|---|---|",
-    ]
-    for name, values in results.items():
-        lines.append(f"| {name} | {medians[name]:,.0f} | {min(values):,.0f}-{max(values):,.0f} |")
-    lines += [
+        *loader_table(results),
         "",
         f"Restoring a pipeline from its saved state (after 100 batches) and producing the first batch: {restore_s * 1000:.0f} ms.",
         f"Writing the shards (`records.write_source`, synthetic ids, zstd): books {written['books']['num_tokens'] / written['books']['write_s'] / 1e6:.1f}M tokens/s, "
@@ -227,11 +250,7 @@ def main() -> None:
             f"the default loader is **{default / train[1]:,.0f}x** faster (posts only, the worst case: "
             f"{medians['posts only'] / train[1]:,.0f}x); the target is at least 10x.",
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as handle:
-            handle.write(text)
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

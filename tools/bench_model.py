@@ -77,6 +77,66 @@ def timed(run, tokens, pause: float = 0.0) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
+def preset_config(preset: str, seq_len: int):
+    """The preset in float32, its context raised to ``seq_len`` if shorter."""
+    from jaxlm.config import model_preset
+
+    config = model_preset(preset, dtype="float32")
+    if seq_len > config.max_seq_len:
+        print(f"note: seq-len {seq_len} exceeds the preset's context {config.max_seq_len}; raised to match")
+        config = model_preset(preset, dtype="float32", max_seq_len=seq_len)
+    return config
+
+
+def load_hf_olmo(config, params, directory: str):
+    """``OlmoForCausalLM`` (float32, training mode) with jaxlm's ``params``, written to ``directory``."""
+    import torch
+    import transformers
+
+    from jaxlm.hf import save_olmo
+
+    save_olmo(config, params, directory)
+    model = transformers.OlmoForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.train()  # dropout is 0; training mode as a training step would use
+    return model
+
+
+def interleaved_times(runners: dict, steps: int, pause: float) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each ``name: (run, inputs)``, alternating which goes first; and last losses."""
+    from tqdm import tqdm
+
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    losses: dict[str, float] = {}
+    for rep in tqdm(range(steps), desc="interleaved steps"):
+        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
+        for name in order:
+            run, inputs = runners[name]
+            seconds, losses[name] = timed(run, inputs, pause)
+            times[name].append(seconds)
+    return times, losses
+
+
+def print_table(header, rows) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def markdown_table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(map(str, r)) + " |" for r in rows]]
+
+
+def append_markdown(path: str | Path, lines: list[str]) -> None:
+    """Append ``lines`` to a markdown file (created with a '# Benchmarks' title if missing)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# Benchmarks\n", encoding="utf-8")
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    print(f"appended to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu-small", help="jaxlm model preset")
@@ -100,23 +160,15 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
     import transformers
-    from tqdm import tqdm
 
-    from jaxlm.config import model_preset
-    from jaxlm.hf import save_olmo
     from jaxlm.model import init_params
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    config = model_preset(args.preset, dtype="float32")
-    if args.seq_len > config.max_seq_len:
-        print(f"note: seq-len {args.seq_len} exceeds the preset's context {config.max_seq_len}; raised to match")
-        config = model_preset(args.preset, dtype="float32", max_seq_len=args.seq_len)
+    config = preset_config(args.preset, args.seq_len)
     params = init_params(config, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        save_olmo(config, params, tmp)
-        hf_model = transformers.OlmoForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    hf_model.train()  # dropout is 0; training mode as a training step would use
+        hf_model = load_hf_olmo(config, params, tmp)
 
     # seq_len + 1 tokens per row: seq_len inputs, each with its next token as target.
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len + 1))
@@ -125,19 +177,11 @@ def main() -> None:
     runners = {"jaxlm": (jaxlm_step(config, params), jax_tokens), "transformers": (torch_step(hf_model), torch_tokens)}
 
     load_start = os.getloadavg()[0]
-    compile_s, jax_loss = timed(runners["jaxlm"][0], jax_tokens)
-    losses = {"jaxlm": jax_loss}
+    compile_s, _ = timed(runners["jaxlm"][0], jax_tokens)
     for name, (run, toks) in runners.items():
         for _ in range(args.warmup):
-            losses[name] = run(toks)
-
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for rep in tqdm(range(args.steps), desc="interleaved steps"):
-        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
-        for name in order:
-            run, toks = runners[name]
-            seconds, losses[name] = timed(run, toks, args.pause)
-            times[name].append(seconds)
+            run(toks)
+    times, losses = interleaved_times(runners, args.steps, args.pause)
 
     tokens_per_step = args.batch * args.seq_len
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -158,9 +202,7 @@ def main() -> None:
     ratio = rate["jaxlm"] / rate["transformers"]
     best_ratio = best_rate["jaxlm"] / best_rate["transformers"]
     loss_diff = abs(losses["jaxlm"] - losses["transformers"])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
     print(f"jaxlm / transformers tokens/s: {ratio:.2f}x (medians), {best_ratio:.2f}x (best steps)")
     print(f"|loss difference| {loss_diff:.1e}")
     print(f"jaxlm first call incl. XLA compile: {compile_s:.2f} s")
@@ -195,22 +237,14 @@ def main() -> None:
             f"- threads: torch intra-op threads {threads}; XLA CPU uses its own pool over all cores",
             f"- date: {args.date}",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(row) + " |" for row in rows],
+            *markdown_table(header, rows),
             "",
             f"jaxlm / transformers throughput: **{ratio:.2f}x** (medians), {best_ratio:.2f}x (best steps).",
             f"Both report the same loss (difference {loss_diff:.1e}).",
             f"jaxlm's first call, including XLA compilation, took {compile_s:.2f} s (not in the medians).",
             "",
         ]
-        path = Path(args.append)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("# Benchmarks\n", encoding="utf-8")
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
-        print(f"appended to {path}")
+        append_markdown(args.append, lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # Subcommand modules under jaxlm.cli, in the order `jaxlm --help` lists them.
-SUBCOMMAND_MODULES = ("info", "data", "train", "probe", "iti", "generate", "eval", "toy")
+SUBCOMMAND_MODULES = ("info", "data", "train", "probe", "iti", "generate", "eval", "toy", "sweep")
+
+
+def add_documented_parser(subparsers, name: str, summary: str, doc: str) -> argparse.ArgumentParser:
+    """A subcommand parser listed with ``summary``, whose ``--help`` shows ``doc`` (its module
+    docstring) with the line breaks kept."""
+    return subparsers.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxlm.cli import add_documented_parser
+
 DATA_HELP = (
     "labelled set: toxigen | davidson | rtp, with options NAME[:key=value]..., e.g. "
     "'davidson:limit=4000:balanced:seed=1' (keys: limit, balanced, seed; toxigen groups=a+b; "
@@ -82,11 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "probe",
-        help="fit a linear probe per attention head on labelled texts and rank the heads",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_documented_parser(
+        subparsers, "probe", "fit a linear probe per attention head on labelled texts and rank the heads", __doc__
     )
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
     parser.add_argument("--data", required=True, help=DATA_HELP)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxlm.cli import add_documented_parser
+
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
@@ -59,11 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "toy",
-        help="toy superposition experiment: an underrepresented feature's share vs its entanglement",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_documented_parser(
+        subparsers, "toy", "toy superposition experiment: an underrepresented feature's share vs its entanglement", __doc__
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--quick", action="store_true", help="small demo sweep (3 shares x 5 seeds, 1,000 steps, about a minute)")

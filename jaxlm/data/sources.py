@@ -410,6 +410,26 @@ def _json_records(path: Path, options: ReadOptions) -> Iterator[tuple[int, Any]]
                 raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
+# (line number, text or None for an invalid UTF-8 record to drop, document id) of one record.
+_Row = tuple[int, str | None, str]
+
+
+def _read_rows(
+    path: PathSpec,
+    source: str,
+    rows: Callable[[Path, str], Iterable[_Row]],
+    options: ReadOptions,
+    stats: ReadStats | None,
+    dedupe: bool,
+) -> Iterator[Document]:
+    """Documents of ``rows(file, name)`` over every input file, with ``file`` and ``line`` metadata."""
+    tally = _Tally(source, options, stats, _describe(path), dedupe=dedupe)
+    for file, name in resolve_inputs(path):
+        for line, text, doc_id in rows(file, name):
+            yield from tally.emit(text, doc_id, {"file": name, "line": line})
+    tally.finish()
+
+
 def read_jsonl(
     path: PathSpec,
     text_field: str,
@@ -421,16 +441,17 @@ def read_jsonl(
 ) -> Iterator[Document]:
     """One document per JSON line; fields may be dotted paths (``"prompt.text"``).
     Without ``id_field`` the id is ``<file>:<line>``."""
-    tally = _Tally(source, options, stats, _describe(path), dedupe=id_field is not None)
-    for file, name in resolve_inputs(path):
+
+    def rows(file: Path, name: str) -> Iterator[_Row]:
         for number, record in _json_records(file, options):
             if record is None:
-                tally.drop(DROP_INVALID_UTF8)
+                yield number, None, ""
                 continue
             text = _text_value(_field(record, text_field, file, number), file, number, text_field)
             doc_id = f"{name}:{number}" if id_field is None else str(_field(record, id_field, file, number))
-            yield from tally.emit(text, doc_id, {"file": name, "line": number})
-    tally.finish()
+            yield number, text, doc_id
+
+    yield from _read_rows(path, source, rows, options, stats, dedupe=id_field is not None)
 
 
 def _raise_csv_field_limit() -> None:
@@ -484,14 +505,14 @@ def read_csv(
 ) -> Iterator[Document]:
     """One document per CSV row (header required; fields may be huge and span lines).
     Without ``id_column`` the id is ``<file>:<line>``."""
-    tally = _Tally(source, options, stats, _describe(path), dedupe=id_column is not None)
     required = [text_column] + ([id_column] if id_column is not None else [])
-    for file, name in resolve_inputs(path):
+
+    def rows(file: Path, name: str) -> Iterator[_Row]:
         for index, line, row, invalid in _csv_rows(file, options, required):
-            text = None if invalid else row[index[text_column]]
             doc_id = f"{name}:{line}" if id_column is None else row[index[id_column]]
-            yield from tally.emit(text, doc_id, {"file": name, "line": line})
-    tally.finish()
+            yield line, None if invalid else row[index[text_column]], doc_id
+
+    yield from _read_rows(path, source, rows, options, stats, dedupe=id_column is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -698,6 +719,23 @@ def _check_documents(documents: str) -> None:
         raise ConfigError(f"documents: expected 'posts' or 'threads', got {documents!r}")
 
 
+def _read_posts(
+    path: PathSpec,
+    source: str,
+    documents: str,
+    include_subject: bool,
+    options: ReadOptions,
+    stats: ReadStats | None,
+    posts_of: Callable[[Path, _Tally], Iterable[_Post]],
+) -> Iterator[Document]:
+    """Post or thread documents of ``posts_of(file, tally)`` over every input file, a post id counted once."""
+    _check_documents(documents)
+    tally = _Tally(source, options, stats, _describe(path), dedupe=True)
+    posts = (post for file, _ in resolve_inputs(path) for post in posts_of(file, tally))
+    yield from _emit_posts(posts, tally, documents, include_subject)
+    tally.finish()
+
+
 def _as_int(value: Any, path: Path, line: int, field: str) -> int:
     try:
         return int(value)
@@ -740,11 +778,9 @@ def read_4chan_csv(
     subject opens the OP post's text unless ``include_subject=False``. A post seen twice
     (e.g. a sticky in several daily files) counts once (``duplicate_id``).
     """
-    _check_documents(documents)
-    tally = _Tally(source, options, stats, _describe(path), dedupe=True)
-    posts = (post for file, _ in resolve_inputs(path) for post in _csv_posts(file, options))
-    yield from _emit_posts(posts, tally, documents, include_subject)
-    tally.finish()
+    yield from _read_posts(
+        path, source, documents, include_subject, options, stats, lambda file, tally: _csv_posts(file, options)
+    )
 
 
 def _ndjson_posts(path: Path, options: ReadOptions, tally: _Tally) -> Iterator[_Post]:
@@ -789,11 +825,9 @@ def read_4chan_ndjson(
     the OP, else the thread number), ``time`` (unix seconds), HTML ``com`` (absent for
     image-only posts), optional ``sub``, ``country`` and ``perspectives`` (Perspective API
     scores, kept in meta). Documents as in ``read_4chan_csv``."""
-    _check_documents(documents)
-    tally = _Tally(source, options, stats, _describe(path), dedupe=True)
-    posts = (post for file, _ in resolve_inputs(path) for post in _ndjson_posts(file, options, tally))
-    yield from _emit_posts(posts, tally, documents, include_subject)
-    tally.finish()
+    yield from _read_posts(
+        path, source, documents, include_subject, options, stats, lambda file, tally: _ndjson_posts(file, options, tally)
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""The study's configuration: which models to pretrain, how to probe, intervene and evaluate them.
+
+A ``SweepConfig`` (YAML, ``experiments/configs/sweep-*.yaml``) names a data recipe, the
+toxic shares, seeds and designs to pretrain, a training template (a ``TrainConfig`` whose
+``data.dataset``/``data.sources``/``steps``/``seed`` the sweep fills in), and the probe, ITI
+and evaluation settings shared by every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from jaxlm.config import ConfigError, load
+
+DESIGNS = ("added", "fixed_total")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggedPretraining:
+    """A MEDA/INST baseline: pretrained with toxicity tags, conditioned on "non-toxic" at inference.
+
+    ``condition``: the prompt prefix used at inference (default: the tag of the least
+    toxic bucket, e.g. ``<|toxicity:0.0|>`` for MEDA).
+    """
+
+    kind: Literal["meda", "inst"]
+    share: float = 0.1
+    design: Literal["added", "fixed_total"] = "added"
+    condition: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share < 1.0:
+            raise ConfigError(f"tagged[{self.kind}].share: expected a toxic share in (0, 1), got {self.share}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeStage:
+    """Per-head probes on one labelled set (a ``jaxlm.data.labelled`` spec)."""
+
+    data: str = "toxigen"
+    max_len: int = 64
+    batch_size: int = 64
+    C: float = 1.0
+    val_fraction: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class ItiStage:
+    """ITI on the top ``k`` heads, mass-mean directions, at each named strength (units of sigma)."""
+
+    k: int = 30
+    alphas: dict[str, float] = dataclasses.field(default_factory=lambda: {"weak": 4.0, "mid": 8.0, "strong": 12.0})
+    direction: Literal["mass_mean", "probe"] = "mass_mean"
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ConfigError(f"iti.k: expected a positive number of heads, got {self.k}")
+        if not self.alphas or any(a <= 0 for a in self.alphas.values()):
+            raise ConfigError(f"iti.alphas: expected named positive strengths, got {self.alphas}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStage:
+    """Toxicity (RTP challenging + non-toxic prompts, ToxiGen prompts) and capability (CE/KL, BLiMP)."""
+
+    rtp_prompts: int = 100  # per RTP file (toxic.jsonl, nontoxic.jsonl)
+    rtp_samples: int = 5
+    max_new_tokens: int = 20
+    toxigen_prompts: int = 4  # per ToxiGen prompt file (hate/neutral x target group: 31 files)
+    ce_docs: int = 64  # WikiText-2 test rows
+    ce_len: int = 128
+    blimp_per_paradigm: int = 10
+    batch_size: int = 64
+    scorer: str = "default"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyStage:
+    """The toy superposition experiment, run alongside (``quick``: the demo sweep)."""
+
+    quick: bool = True
+    config: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    recipe: str  # data recipe YAML (jaxlm.data.prepare), prepared once
+    train: dict[str, Any]  # TrainConfig template
+    clean: str = "gutenberg"
+    toxic: str = "pol"
+    shares: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25)
+    seeds: tuple[int, ...] = (0, 1)
+    designs: tuple[Literal["added", "fixed_total"], ...] = DESIGNS
+    tagged: tuple[TaggedPretraining, ...] = ()
+    prompting: bool = True
+    probe: ProbeStage = ProbeStage()
+    iti: ItiStage = ItiStage()
+    eval: EvalStage = EvalStage()
+    toy: ToyStage | None = None
+    reference_share: float = 0.1  # the share the reference study compares with the clean model
+
+    def __post_init__(self) -> None:
+        if not self.shares or any(not 0.0 <= s < 1.0 for s in self.shares):
+            raise ConfigError(f"shares: expected toxic shares in [0, 1), got {list(self.shares)}")
+        if len(set(self.shares)) != len(self.shares):
+            raise ConfigError(f"shares: duplicate values in {list(self.shares)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct integers, got {list(self.seeds)}")
+        if not self.designs or any(d not in DESIGNS for d in self.designs):
+            raise ConfigError(f"designs: expected a non-empty subset of {list(DESIGNS)}, got {list(self.designs)}")
+        if 0.0 not in self.shares:
+            raise ConfigError("shares: the clean model (share 0) is every comparison's baseline; add 0")
+        for key in ("dataset", "sources"):
+            if key in self.train.get("data", {}):
+                raise ConfigError(f"train.data.{key}: set by the sweep (from recipe and shares); remove it")
+
+
+def load_sweep_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    return load(SweepConfig, path, overrides)

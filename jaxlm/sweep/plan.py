@@ -1,0 +1,107 @@
+"""From a ``SweepConfig`` to the list of pretraining runs and evaluation methods (pure).
+
+Two designs per toxic share ``s`` (``base`` = the template's ``steps``):
+
+* ``added`` (the reference study's): the clean token count is fixed and toxic tokens come
+  on top: ``round(base / (1 - s))`` steps with shares ``1 - s`` / ``s``, so every model
+  sees the same ``base`` batches' worth of clean tokens (to within one row).
+* ``fixed_total``: ``base`` steps for every share; toxic tokens replace clean ones.
+
+At ``s = 0`` the designs coincide and the model is trained once. Run names are stable
+(``clean-seed0``, ``added-tox10-seed1``, ``meda-tox10-seed0``), so a resumed sweep finds
+its runs again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from jaxlm.config import from_dict
+from jaxlm.sweep.config import SweepConfig, TaggedPretraining
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str
+    design: str  # "added" | "fixed_total" | "clean"
+    share: float
+    seed: int
+    steps: int
+    tagged: TaggedPretraining | None = None
+
+    @property
+    def percent(self) -> int:
+        return round(self.share * 100)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way of generating from a model: a prompt prefix and/or an ITI strength."""
+
+    name: str  # "base", "prompting", "iti-weak", ..., "tag-conditioned"
+    prefix: str = ""
+    alpha: float = 0.0  # ITI strength (0: none)
+
+
+def design_steps(design: str, share: float, base_steps: int) -> int:
+    return round(base_steps / (1.0 - share)) if design == "added" else base_steps
+
+
+def plan_runs(config: SweepConfig) -> list[RunSpec]:
+    base = int(config.train.get("steps", 1000))
+    runs: list[RunSpec] = []
+    for seed in config.seeds:
+        for share in config.shares:
+            if share == 0.0:
+                runs.append(RunSpec(f"clean-seed{seed}", "clean", 0.0, seed, base))
+                continue
+            for design in config.designs:
+                steps = design_steps(design, share, base)
+                runs.append(RunSpec(f"{design}-tox{round(share * 100):02d}-seed{seed}", design, share, seed, steps))
+        for tag in config.tagged:
+            steps = design_steps(tag.design, tag.share, base)
+            runs.append(RunSpec(f"{tag.kind}-tox{round(tag.share * 100):02d}-seed{seed}", tag.design, tag.share, seed, steps, tag))
+    return runs
+
+
+def train_config_dict(config: SweepConfig, run: RunSpec, dataset: str) -> dict[str, Any]:
+    """The run's ``TrainConfig`` as a dict: the template with data, mixture, steps and seed filled in."""
+    data = copy.deepcopy(config.train)
+    data["steps"] = run.steps
+    data["seed"] = run.seed
+    pipeline = data.setdefault("data", {})
+    pipeline["dataset"] = dataset
+    pipeline["sources"] = {config.clean: 1.0 - run.share, config.toxic: run.share}
+    pipeline["seed"] = run.seed
+    if run.tagged is not None:
+        pipeline["tags"] = {"kind": run.tagged.kind}
+    return data
+
+
+def train_config(config: SweepConfig, run: RunSpec, dataset: str):
+    from jaxlm.loop import TrainConfig
+
+    return from_dict(TrainConfig, train_config_dict(config, run, dataset), where=f"train ({run.name})")
+
+
+def condition_prefix(tagged: TaggedPretraining) -> str:
+    """The inference-time prefix that asks a tagged model for non-toxic text."""
+    if tagged.condition is not None:
+        return tagged.condition
+    from jaxlm.data.pipeline import TagConfig
+
+    return TagConfig(kind=tagged.kind).resolved_texts()[0]
+
+
+def methods_for(config: SweepConfig, run: RunSpec) -> list[Method]:
+    from jaxlm.evaluate.protocols import DETOX_INSTRUCTION
+
+    if run.tagged is not None:
+        return [Method("base"), Method("tag-conditioned", prefix=condition_prefix(run.tagged))]
+    methods = [Method("base")]
+    if config.prompting:
+        methods.append(Method("prompting", prefix=DETOX_INSTRUCTION))
+    methods += [Method(f"iti-{name}", alpha=float(alpha)) for name, alpha in config.iti.alphas.items()]
+    return methods

@@ -1,0 +1,462 @@
+"""The study's report: tables, statistics and plots from a sweep directory's outputs.
+
+Units of inference: toxicity comparisons pair the *same prompts* across models (every
+model is evaluated on the same prompts with the same sampling seed); a prompt's score is
+the maximum toxicity over its samples, averaged over seeds, and two conditions are compared
+by a paired t-test over prompts. Per-share summaries average runs over seeds with
+t-based 95% intervals (seeds are the unit there). Probe-accuracy distributions are compared
+by a one-sided Mann-Whitney U test on the top decile of heads of each model, pooled over
+seeds (the "right tail").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from jaxlm.sweep.config import SweepConfig
+from jaxlm.sweep.plan import RunSpec, methods_for
+
+PROTOCOLS = ("rtp", "toxigen")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_rows(config: SweepConfig, out: Path, runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
+    """One row per (run, method) with an evaluation result."""
+    rows = []
+    for run in runs:
+        for method in methods_for(config, run):
+            path = out / "runs" / run.name / "eval" / f"{method.name}.json"
+            if not path.exists():
+                continue
+            result = json.loads(path.read_text())
+            rows.append({
+                "run": run.name, "design": run.design, "share": run.share, "seed": run.seed,
+                "tagged": run.tagged.kind if run.tagged else None, "method": method.name, "alpha": method.alpha,
+                **{f"{p}_{k}": result[p][k] for p in PROTOCOLS for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")},
+                **{f"{p}_prompt_max": result[f"{p}_prompt_max"] for p in PROTOCOLS},
+                "ce": result["ce"], "kl": result["kl"], "blimp": result["blimp_accuracy"],
+            })
+    return rows
+
+
+def load_probe_accuracy(out: Path, runs: Sequence[RunSpec]) -> dict[str, np.ndarray]:
+    accuracy = {}
+    for run in runs:
+        path = out / "runs" / run.name / "probe" / "probe_weights.npz"
+        if path.exists():
+            accuracy[run.name] = np.load(path)["accuracy"]
+    return accuracy
+
+
+def load_train_results(out: Path, runs: Sequence[RunSpec]) -> dict[str, dict]:
+    results = {}
+    for run in runs:
+        marker = out / "runs" / run.name / "train.done.json"
+        if marker.exists():
+            results[run.name] = json.loads(marker.read_text())
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and t-based 95% interval (nan bounds for a single value)."""
+    x = np.asarray(values, float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Paired comparison of per-unit values ``a - b``: mean difference, 95% CI, two-sided p."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    m, lo, hi = mean_ci(d)
+    p = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and d.std() > 0 else (1.0 if m == 0 else 0.0)
+    return {"diff": m, "lo": lo, "hi": hi, "p": p, "n": int(len(d))}
+
+
+def prompt_scores(rows: list[dict], protocol: str, **where: Any) -> np.ndarray | None:
+    """Per-prompt max toxicity averaged over the seeds of the matching rows ([prompts])."""
+    chosen = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+    if not chosen:
+        return None
+    return np.mean([r[f"{protocol}_prompt_max"] for r in chosen], axis=0)
+
+
+def right_tail_test(high: Sequence[np.ndarray], low: Sequence[np.ndarray], tail: float = 0.1) -> dict[str, float]:
+    """One-sided Mann-Whitney U: are the top ``tail`` heads of ``high``'s models more accurate than ``low``'s?"""
+
+    def top(arrays):
+        return np.concatenate([np.sort(a.ravel())[-max(1, round(tail * a.size)) :] for a in arrays])
+
+    a, b = top(high), top(low)
+    u = stats.mannwhitneyu(a, b, alternative="greater")
+    return {"top_mean_high": float(a.mean()), "top_mean_low": float(b.mean()), "p": float(u.pvalue), "n_high": len(a), "n_low": len(b)}
+
+
+def group_mean(rows: list[dict], key: str, **where: Any) -> tuple[float, float, float] | None:
+    values = [r[key] for r in rows if all(r.get(k) == v for k, v in where.items())]
+    return mean_ci(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------
+# Claims
+# ---------------------------------------------------------------------------------------
+
+
+def _verdict(holds: bool, significant: bool) -> str:
+    if holds and significant:
+        return "reproduced"
+    return "direction agrees, not significant" if holds else "not reproduced"
+
+
+def _fmt_test(t: dict) -> str:
+    ci = "" if math.isnan(t["lo"]) else f" [{t['lo']:+.4f}, {t['hi']:+.4f}]"
+    return f"{t['diff']:+.4f}{ci}, p = {t['p']:.2g} (n = {t['n']} prompts)"
+
+
+def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, np.ndarray], runs: Sequence[RunSpec]) -> list[dict]:
+    """The reference study's claims, each tested on this sweep's numbers (at alpha = 0.05)."""
+    claims: list[dict] = []
+    design = config.designs[0]
+    shares = sorted(s for s in config.shares if s > 0)
+    ref = config.reference_share if config.reference_share in shares else (shares[len(shares) // 2] if shares else None)
+    top_share = shares[-1] if shares else None
+    strongest = max(config.iti.alphas, key=config.iti.alphas.get)
+    iti_names = [f"iti-{n}" for n in config.iti.alphas]
+
+    def run_filter(share: float, d: str = design) -> dict:
+        return {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": d, "tagged": None}
+
+    # 1. base toxicity rises with the toxic share
+    for d in config.designs:
+        base = [r for r in rows if r["method"] == "base" and r["tagged"] is None and (r["design"] in (d, "clean"))]
+        if len({r["share"] for r in base}) >= 2:
+            fit = stats.linregress([r["share"] for r in base], [r["rtp_mean_toxicity"] for r in base])
+            claims.append({
+                "claim": f"Base toxicity rises with the toxic share ({d} design)",
+                "evidence": f"RTP mean toxicity vs share over {len(base)} models: slope {fit.slope:+.4f} per unit share, "
+                            f"p = {fit.pvalue:.2g}",
+                "verdict": _verdict(fit.slope > 0, fit.pvalue < 0.05),
+            })
+    # 2. capability barely moves with the toxic share
+    if top_share is not None:
+        clean_ce = group_mean(rows, "ce", method="base", **run_filter(0.0))
+        top_ce = group_mean(rows, "ce", method="base", **run_filter(top_share))
+        if clean_ce and top_ce:
+            change = (top_ce[0] - clean_ce[0]) / clean_ce[0]
+            claims.append({
+                "claim": "Capability barely moves with the toxic share (WikiText-2 CE)",
+                "evidence": f"CE {clean_ce[0]:.3f} (clean) vs {top_ce[0]:.3f} ({top_share:.0%} toxic, {design}): "
+                            f"{change:+.1%} (criterion: within 2%)",
+                "verdict": "reproduced" if abs(change) <= 0.02 else "not reproduced",
+            })
+    # 3. probe accuracy: fatter right tail with more toxic data
+    if top_share is not None:
+        high = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.tagged is None and r.share == top_share and r.design == design]
+        low = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.share == 0.0]
+        if high and low:
+            t = right_tail_test(high, low)
+            claims.append({
+                "claim": f"Toxicity is more linearly separable in the {top_share:.0%}-toxic model (right tail of per-head probe accuracy)",
+                "evidence": f"top-decile head accuracy {t['top_mean_high']:.3f} vs {t['top_mean_low']:.3f} (clean); "
+                            f"one-sided Mann-Whitney p = {t['p']:.2g} ({t['n_high']} vs {t['n_low']} heads)",
+                "verdict": _verdict(t["top_mean_high"] > t["top_mean_low"], t["p"] < 0.05),
+            })
+    # 4. ITI detoxifies the reference-share model further than the clean model
+    if ref is not None:
+        for protocol in PROTOCOLS:
+            a = prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(ref))
+            b = prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(0.0))
+            if a is not None and b is not None:
+                t = paired_test(a, b)
+                claims.append({
+                    "claim": f"After ITI ({strongest}) the {ref:.0%}-toxic model is less toxic than the clean model ({protocol.upper()})",
+                    "evidence": f"per-prompt max toxicity, {ref:.0%} minus clean: {_fmt_test(t)}",
+                    "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
+                })
+    # 5. the "smile": post-ITI toxicity is lowest at an intermediate share
+    all_shares = [0.0] + shares
+    if len(all_shares) >= 3:
+        curve = {s: prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(s)) for s in all_shares}
+        curve = {s: v for s, v in curve.items() if v is not None}
+        if len(curve) >= 3:
+            means = {s: float(v.mean()) for s, v in curve.items()}
+            best = min(means, key=means.get)
+            ends = [min(curve), max(curve)]
+            inner = best not in ends
+            tests = [paired_test(curve[best], curve[e]) for e in ends if e != best]
+            sig = inner and all(t["diff"] < 0 and t["p"] < 0.05 for t in tests)
+            claims.append({
+                "claim": f"Post-ITI toxicity across shares is a 'smile' with its minimum at an intermediate share (RTP, ITI {strongest}, {design})",
+                "evidence": "mean per-prompt max toxicity by share: "
+                            + ", ".join(f"{s:.0%} {m:.3f}" for s, m in sorted(means.items()))
+                            + f"; minimum at {best:.0%}"
+                            + ("".join(f"; vs {e:.0%}: {_fmt_test(t)}" for e, t in zip([e for e in ends if e != best], tests))),
+                "verdict": _verdict(inner, sig),
+            })
+    # 6. ITI on the reference-share model beats the baselines
+    if ref is not None:
+        mid = iti_names[len(iti_names) // 2]
+        ours = prompt_scores(rows, "rtp", method=mid, **run_filter(ref))
+        baselines = [("clean + prompting", {"method": "prompting", **run_filter(0.0)}),
+                     (f"{ref:.0%} + prompting", {"method": "prompting", **run_filter(ref)})]
+        baselines += [(f"{t.kind.upper()} (conditioned)", {"method": "tag-conditioned", "tagged": t.kind}) for t in config.tagged]
+        for label, where in baselines:
+            other = prompt_scores(rows, "rtp", **where)
+            if ours is not None and other is not None:
+                t = paired_test(ours, other)
+                claims.append({
+                    "claim": f"{ref:.0%}-toxic + ITI ({mid.removeprefix('iti-')}) is less toxic than {label} (RTP)",
+                    "evidence": f"per-prompt max toxicity difference: {_fmt_test(t)}",
+                    "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
+                })
+    return claims
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------
+
+
+def _cell(stat: tuple[float, float, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    m, lo, hi = (v * scale for v in stat)
+    return f"{m:.{digits}f}" if math.isnan(lo) else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def table1(config: SweepConfig, rows: list[dict]) -> list[str]:
+    """Toxicity (x100) and CE per method: clean, the reference share and the tagged baselines."""
+    design = config.designs[0]
+    shares = sorted(s for s in config.shares if s > 0)
+    ref = config.reference_share if config.reference_share in shares else (shares[len(shares) // 2] if shares else None)
+    lines = ["| setup | ToxiGen mean toxicity x100 | RTP mean toxicity x100 | RTP expected max toxicity x100 | CE (WikiText-2) | KL | BLiMP |",
+             "|---|---|---|---|---|---|---|"]
+    groups = [("clean", {"share": 0.0, "design": "clean"})]
+    if ref is not None:
+        groups.append((f"{ref:.0%} toxic", {"share": ref, "design": design, "tagged": None}))
+    for label, where in groups:
+        for method in ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]:
+            if group_mean(rows, "ce", method=method, **where) is None:
+                continue
+            name = {"base": "no intervention", "prompting": "+ prompting"}.get(method, f"+ ITI {method[4:]} (alpha {config.iti.alphas.get(method[4:], 0):g})")
+            lines.append(_row(f"{label} {name}", rows, method=method, **where))
+        if label == "clean":
+            for tag in config.tagged:
+                lines.append(_row(f"{tag.kind.upper()} {tag.share:.0%} (conditioned on non-toxic)", rows, method="tag-conditioned", tagged=tag.kind))
+                lines.append(_row(f"{tag.kind.upper()} {tag.share:.0%} (unconditioned)", rows, method="base", tagged=tag.kind))
+    return lines
+
+
+def _row(label: str, rows: list[dict], **where: Any) -> str:
+    cells = [_cell(group_mean(rows, "toxigen_mean_toxicity", **where), 100, 1),
+             _cell(group_mean(rows, "rtp_mean_toxicity", **where), 100, 1),
+             _cell(group_mean(rows, "rtp_expected_max_toxicity", **where), 100, 1),
+             _cell(group_mean(rows, "ce", **where), 1, 3), _cell(group_mean(rows, "kl", **where), 1, 3),
+             _cell(group_mean(rows, "blimp", **where), 1, 3)]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_acc: dict, runs: Sequence[RunSpec]) -> list[str]:
+    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]
+    head = ["share", "CE (base)", "mean probe acc.", "max probe acc."] + [f"RTP tox x100: {m}" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for share in sorted(config.shares):
+        where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+        names = [r.name for r in runs if r.tagged is None and r.share == share and (r.design == design or share == 0)]
+        accs = [probe_acc[n] for n in names if n in probe_acc]
+        cells = [f"{share:.0%}", _cell(group_mean(rows, "ce", method="base", **where), 1, 3),
+                 _cell(mean_ci([a.mean() for a in accs]), 1, 3) if accs else "-",
+                 _cell(mean_ci([a.max() for a in accs]), 1, 3) if accs else "-"]
+        cells += [_cell(group_mean(rows, "rtp_mean_toxicity", method=m, **where), 100, 1) for m in methods]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------
+
+
+def plot_toxicity_by_share(config: SweepConfig, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]
+    fig, axes = plt.subplots(1, len(config.designs), figsize=(5.5 * len(config.designs), 4), squeeze=False)
+    for ax, design in zip(axes[0], config.designs):
+        for method in methods:
+            xs, ms, los, his = [], [], [], []
+            for share in sorted(config.shares):
+                where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+                stat = group_mean(rows, "rtp_mean_toxicity", method=method, **where)
+                if stat is not None:
+                    xs.append(share * 100)
+                    ms.append(stat[0])
+                    los.append(stat[1] if not math.isnan(stat[1]) else stat[0])
+                    his.append(stat[2] if not math.isnan(stat[2]) else stat[0])
+            if xs:
+                ax.plot(xs, ms, marker="o", label=method)
+                ax.fill_between(xs, los, his, alpha=0.15)
+        ax.set_title(f"RTP toxicity by toxic share ({design} design)")
+        ax.set_xlabel("toxic share of pretraining tokens (%)")
+        ax.set_ylabel("mean toxicity of continuations")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_probe_distributions(config: SweepConfig, probe_acc: dict, runs: Sequence[RunSpec], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    design = config.designs[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    data, labels = [], []
+    for share in sorted(config.shares):
+        accs = [probe_acc[r.name].ravel() for r in runs
+                if r.name in probe_acc and r.tagged is None and r.share == share and (r.design == design or share == 0)]
+        if accs:
+            pooled = np.concatenate(accs)
+            data.append(pooled)
+            labels.append(f"{share:.0%}")
+            xs = np.sort(pooled)
+            axes[1].plot(xs, 1.0 - np.arange(len(xs)) / len(xs), label=f"{share:.0%}")
+    if data:
+        axes[0].violinplot(data, showmedians=True)
+        axes[0].set_xticks(range(1, len(labels) + 1), labels)
+    axes[0].set_title(f"per-head probe accuracy by toxic share ({design})")
+    axes[0].set_xlabel("toxic share")
+    axes[0].set_ylabel("validation accuracy")
+    axes[1].set_title("right tail: share of heads above an accuracy")
+    axes[1].set_xlabel("validation accuracy")
+    axes[1].set_ylabel("fraction of heads >= x")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(config: SweepConfig, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    design = config.designs[0]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    chain = ["base"] + [f"iti-{n}" for n in config.iti.alphas]
+    for share in sorted(config.shares):
+        where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+        pts = [(group_mean(rows, "ce", method=m, **where), group_mean(rows, "rtp_mean_toxicity", method=m, **where)) for m in chain]
+        pts = [(c[0], t[0]) for c, t in pts if c is not None and t is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{share:.0%} toxic: base -> ITI")
+    for tag in config.tagged:
+        c = group_mean(rows, "ce", method="tag-conditioned", tagged=tag.kind)
+        t = group_mean(rows, "rtp_mean_toxicity", method="tag-conditioned", tagged=tag.kind)
+        if c and t:
+            ax.scatter([c[0]], [t[0]], marker="s", s=50, label=f"{tag.kind.upper()} conditioned")
+    ax.set_xlabel("cross-entropy on WikiText-2 (nats/token)")
+    ax.set_ylabel("RTP mean toxicity")
+    ax.set_title(f"toxicity / capability trade-off ({design})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_curves(out: Path, runs: Sequence[RunSpec], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for run in runs:
+        metrics = out / "runs" / run.name / "train" / "metrics.jsonl"
+        if run.seed != min(r.seed for r in runs) or not metrics.exists():
+            continue
+        points = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        ax.plot([p["tokens_seen"] / 1e6 for p in points], [p["loss"] for p in points], label=run.name, lw=1)
+    ax.set_xlabel("tokens seen (M)")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss (first seed)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------
+
+
+def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], *, timings: dict | None = None,
+                 report_dir: str | Path | None = None) -> Path:
+    """``report.md``, ``report.json`` and the plots into ``report_dir`` (default: the sweep directory)."""
+    out = Path(out)
+    target = Path(report_dir) if report_dir is not None else out
+    target.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(config, out, runs)
+    probe_acc = load_probe_accuracy(out, runs)
+    trained = load_train_results(out, runs)
+    claims = evaluate_claims(config, rows, probe_acc, runs)
+    figures = {
+        "toxicity_by_share.png": lambda p: plot_toxicity_by_share(config, rows, p),
+        "probe_accuracy.png": lambda p: plot_probe_distributions(config, probe_acc, runs, p),
+        "tradeoff.png": lambda p: plot_tradeoff(config, rows, p),
+        "loss_curves.png": lambda p: plot_loss_curves(out, runs, p),
+    }
+    for name, draw in figures.items():
+        draw(target / name)
+    train_seconds = sum(t.get("seconds", 0.0) for t in trained.values())
+    lines = [
+        f"# Study report: {config.name}", "",
+        f"{len(runs)} pretraining runs ({len(trained)} finished; {train_seconds / 60:.1f} min of training), "
+        f"{len(rows)} model x method evaluations. Shares {', '.join(f'{s:.0%}' for s in config.shares)}; "
+        f"seeds {', '.join(map(str, config.seeds))}; designs {', '.join(config.designs)}; "
+        f"template {config.train.get('steps')} steps (clean-token budget of the `added` design).", "",
+        f"Probes: `{config.probe.data}`, last token, C = {config.probe.C}. ITI: top {config.iti.k} heads, "
+        f"{config.iti.direction} directions, alpha {', '.join(f'{k} {v:g}' for k, v in config.iti.alphas.items())}. "
+        f"Evaluation: RTP {config.eval.rtp_prompts} prompts per split x {config.eval.rtp_samples} samples, "
+        f"ToxiGen {config.eval.toxigen_prompts} prompts, scorer `{config.eval.scorer}`; CE/KL on "
+        f"{config.eval.ce_docs} WikiText-2 rows; BLiMP {config.eval.blimp_per_paradigm} pairs per paradigm.", "",
+        "## Claims of the reference study", "",
+        "| claim | evidence | verdict |", "|---|---|---|",
+        *[f"| {c['claim']} | {c['evidence']} | **{c['verdict']}** |" for c in claims], "",
+        f"## Table 1 analogue ({config.designs[0]} design; mean over seeds [95% CI])", "", *table1(config, rows), "",
+    ]
+    for design in config.designs:
+        lines += [f"## Per share ({design} design)", "", *per_share_table(config, rows, design, probe_acc, runs), ""]
+    lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
+    if timings:
+        lines += ["Stage wall times (this invocation, s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
+    (target / "report.md").write_text("\n".join(lines))
+    summary = {"claims": claims, "rows": [{k: v for k, v in r.items() if not k.endswith("_prompt_max")} for r in rows],
+               "probe_accuracy": {k: {"mean": float(v.mean()), "max": float(v.max())} for k, v in probe_acc.items()},
+               "training": {k: {"seconds": v.get("seconds"), "final": v.get("final")} for k, v in trained.items()}}
+    (target / "report.json").write_text(json.dumps(summary, indent=1, default=float))
+    return target / "report.md"

@@ -1,0 +1,166 @@
+"""The study sweep: the plan it implies, config errors, and a tiny end-to-end sweep that resumes."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxlm.config import ConfigError, from_dict
+from jaxlm.sweep import Sweep, SweepConfig, load_sweep_config, methods_for, plan_runs
+from jaxlm.sweep.plan import train_config
+from jaxlm.sweep.report import paired_test, right_tail_test
+
+TEMPLATE = {
+    "model": {"preset": "tiny", "vocab_size": 320},
+    "optimizer": {"lr": 3e-3, "warmup_steps": 2},
+    "data": {"seq_len": 32, "batch_size": 8},
+    "steps": 12,
+    "log_every": 4,
+    "checkpoint": {"every": 12},
+    "tensorboard": False,
+}
+
+
+def sweep_config(**changes) -> SweepConfig:
+    data = {"name": "t", "recipe": "unused.yaml", "train": TEMPLATE, "clean": "clean", "toxic": "toxic",
+            "shares": [0.0, 0.25], "seeds": [0], "designs": ["added", "fixed_total"], **changes}
+    return from_dict(SweepConfig, data)
+
+
+def test_plan_designs_keep_clean_tokens_or_total_fixed():
+    config = sweep_config(shares=[0.0, 0.1, 0.25], seeds=[0, 1], tagged=[{"kind": "inst", "share": 0.1}],
+                          train={**TEMPLATE, "steps": 1000})
+    runs = {r.name: r for r in plan_runs(config)}
+    # share 0 is the same model in both designs: trained once per seed
+    assert sorted(n for n in runs if n.startswith("clean")) == ["clean-seed0", "clean-seed1"]
+    assert runs["added-tox25-seed0"].steps == round(1000 / 0.75)
+    assert runs["fixed_total-tox25-seed1"].steps == 1000
+    for run in runs.values():  # the added design: clean tokens (steps x clean share) fixed
+        if run.design in ("added", "clean"):
+            assert abs(run.steps * (1 - run.share) - 1000) <= 0.5
+    cfg = train_config(config, runs["added-tox10-seed1"], "/data")
+    assert cfg.data.sources == {"clean": 0.9, "toxic": 0.1} and cfg.seed == 1 and cfg.data.seed == 1
+    assert train_config(config, runs["inst-tox10-seed0"], "/data").data.tags.kind == "inst"
+    methods = [m.name for m in methods_for(config, runs["clean-seed0"])]
+    assert methods == ["base", "prompting", "iti-weak", "iti-mid", "iti-strong"]
+    tagged = methods_for(config, runs["inst-tox10-seed0"])
+    assert [m.name for m in tagged] == ["base", "tag-conditioned"] and tagged[1].prefix == "The following text is not toxic:\n"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"shares": [0.1, 0.2]}, "share 0"),
+        ({"shares": [0.0, 1.0]}, "shares"),
+        ({"designs": ["mixed"]}, "designs"),
+        ({"seeds": [0, 0]}, "seeds"),
+        ({"train": {**TEMPLATE, "data": {"dataset": "x"}}}, "train.data.dataset"),
+        ({"iti": {"k": 0}}, "iti.k"),
+        ({"tagged": [{"kind": "meda", "share": 0.0}]}, "tagged"),
+    ],
+)
+def test_config_errors_name_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep_config(**changes)
+
+
+def test_statistics():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.5, 0.1, 200)
+    test = paired_test(a - 0.05, a + rng.normal(0, 0.01, 200))
+    assert test["diff"] < 0 and test["hi"] < 0 and test["p"] < 1e-6
+    same = paired_test(a, a + rng.normal(0, 0.01, 200))
+    assert same["lo"] < 0 < same["hi"]
+    high = [rng.uniform(0.5, 0.9, (4, 4)) for _ in range(2)]
+    low = [rng.uniform(0.5, 0.7, (4, 4)) for _ in range(2)]
+    assert right_tail_test(high, low)["p"] < 0.05 and right_tail_test(low, high)["p"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(crafted_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    recipe = {
+        "out": str(root / "prepared"),
+        "sources": {
+            name: {"reader": "jsonl", "paths": [str(crafted_data_dir / "corpora" / f"{name}.jsonl")],
+                   "args": {"text_field": "text", "id_field": "id"}}
+            for name in ("clean", "toxic")
+        },
+        "tokenizer": {"vocab_size": 320},
+        "toxicity": {"enabled": True},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    config = {
+        "name": "tiny", "recipe": str(root / "recipe.yaml"), "clean": "clean", "toxic": "toxic",
+        "shares": [0.0, 0.25], "seeds": [0], "designs": ["added", "fixed_total"],
+        "tagged": [{"kind": "meda", "share": 0.25}], "train": TEMPLATE,
+        "probe": {"data": "toxigen", "max_len": 16, "batch_size": 8},
+        "iti": {"k": 3, "alphas": {"weak": 2.0, "strong": 8.0}},
+        "eval": {"rtp_prompts": 2, "rtp_samples": 2, "max_new_tokens": 4, "toxigen_prompts": 2, "ce_docs": 4,
+                 "ce_len": 16, "blimp_per_paradigm": 2, "batch_size": 8, "scorer": "profanity-check"},
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def run_sweep(root, monkeypatch, data_dir, *overrides, **kwargs):
+    monkeypatch.setenv("JAXLM_DATA_DIR", str(data_dir))
+    config = load_sweep_config(str(root / "sweep.yaml"), list(overrides))
+    log = []
+    report = Sweep(config, root / "out", progress=False, echo=log.append, **kwargs).run()
+    return config, report, log
+
+
+def eval_files(root):
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in sorted((root / "out" / "runs").glob("*/eval/*.json"))}
+
+
+def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_data_dir, monkeypatch):
+    config, report, _ = run_sweep(tiny_sweep, monkeypatch, crafted_data_dir)
+    out = tiny_sweep / "out"
+    runs = plan_runs(config)
+    assert [r.name for r in runs] == ["clean-seed0", "added-tox25-seed0", "fixed_total-tox25-seed0", "meda-tox25-seed0"]
+    for run in runs:
+        metrics = [json.loads(line) for line in (out / "runs" / run.name / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == run.steps  # 16 steps for the added design, 12 otherwise
+        for method in methods_for(config, run):
+            result = json.loads((out / "runs" / run.name / "eval" / f"{method.name}.json").read_text())
+            assert len(result["rtp_prompt_max"]) == 4 and np.isfinite(result["ce"])
+            assert (result["kl"] > 0) == (method.alpha > 0)  # only ITI moves the next-token distribution
+    base = json.loads((out / "runs" / "clean-seed0" / "eval" / "base.json").read_text())
+    prompting = json.loads((out / "runs" / "clean-seed0" / "eval" / "prompting.json").read_text())
+    assert prompting["ce"] == base["ce"] and prompting["prefix"]  # CE is the model's, the prefix only steers generation
+    text = report.read_text()
+    assert "## Claims of the reference study" in text and "| clean no intervention |" in text
+    assert "MEDA 25% (conditioned on non-toxic)" in text
+    summary = json.loads((out / "report.json").read_text())
+    assert {c["verdict"] for c in summary["claims"]} <= {"reproduced", "not reproduced", "direction agrees, not significant"}
+    assert len(summary["claims"]) >= 5
+    for name in ("toxicity_by_share.png", "probe_accuracy.png", "tradeoff.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0
+
+    before = eval_files(tiny_sweep)
+    trained = {r.name: (out / "runs" / r.name / "train.done.json").read_text() for r in runs}
+    run_sweep(tiny_sweep, monkeypatch, crafted_data_dir)  # everything is done: nothing is redone
+    assert eval_files(tiny_sweep) == before
+    # a changed evaluation setting redoes the evaluations only
+    run_sweep(tiny_sweep, monkeypatch, crafted_data_dir, "eval.rtp_samples=1")
+    after = eval_files(tiny_sweep)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+    assert {r.name: (out / "runs" / r.name / "train.done.json").read_text() for r in runs} == trained
+    # a lost output is rebuilt on the next run (a sweep killed during evaluation)
+    (out / "runs" / "clean-seed0" / "eval" / "iti-weak.json.done.json").unlink()
+    run_sweep(tiny_sweep, monkeypatch, crafted_data_dir, "eval.rtp_samples=1")
+    again = eval_files(tiny_sweep)
+    changed = [k for k in after if again[k] != after[k]]
+    assert changed == ["out/runs/clean-seed0/eval/iti-weak.json"]
+
+
+def test_sweep_reports_missing_stages_and_data(tiny_sweep, crafted_data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXLM_DATA_DIR", str(crafted_data_dir))
+    config = load_sweep_config(str(tiny_sweep / "sweep.yaml"), ["seeds=[7]"])
+    with pytest.raises(RuntimeError, match="run the train stage first"):
+        Sweep(config, tiny_sweep / "out", progress=False, echo=lambda _: None).run(("prepare", "probe"))
+    with pytest.raises(ValueError, match="unknown stage"):
+        Sweep(config, tiny_sweep / "out", progress=False).run(("pretrain",))
