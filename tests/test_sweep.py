@@ -93,7 +93,7 @@ def tiny_sweep(crafted_data_dir, tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     config = {
         "name": "tiny", "recipe": str(root / "recipe.yaml"), "clean": "clean", "toxic": "toxic",
-        "shares": [0.0, 0.25], "seeds": [0], "designs": ["added", "fixed_total"],
+        "shares": [0.0, 0.25], "seeds": [0], "designs": ["added"],
         "tagged": [{"kind": "meda", "share": 0.25}], "train": TEMPLATE,
         "probe": {"data": "toxigen", "max_len": 16, "batch_size": 8},
         "iti": {"k": 3, "alphas": {"weak": 2.0, "strong": 8.0}},
@@ -113,17 +113,18 @@ def run_sweep(root, monkeypatch, data_dir, *overrides, **kwargs):
 
 
 def eval_files(root):
-    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in sorted((root / "out" / "runs").glob("*/eval/*.json"))}
+    paths = sorted(p for p in (root / "out" / "runs").glob("*/eval/*.json") if not p.name.endswith(".done.json"))
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in paths}
 
 
 def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_data_dir, monkeypatch):
     config, report, _ = run_sweep(tiny_sweep, monkeypatch, crafted_data_dir)
     out = tiny_sweep / "out"
     runs = plan_runs(config)
-    assert [r.name for r in runs] == ["clean-seed0", "added-tox25-seed0", "fixed_total-tox25-seed0", "meda-tox25-seed0"]
+    assert [r.name for r in runs] == ["clean-seed0", "added-tox25-seed0", "meda-tox25-seed0"]
     for run in runs:
         metrics = [json.loads(line) for line in (out / "runs" / run.name / "train" / "metrics.jsonl").read_text().splitlines()]
-        assert metrics[-1]["step"] == run.steps  # 16 steps for the added design, 12 otherwise
+        assert metrics[-1]["step"] == run.steps == (12 if run.share == 0 else 16)  # clean tokens fixed
         for method in methods_for(config, run):
             result = json.loads((out / "runs" / run.name / "eval" / f"{method.name}.json").read_text())
             assert len(result["rtp_prompt_max"]) == 4 and np.isfinite(result["ce"])
@@ -135,7 +136,8 @@ def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_
     assert "## Claims of the reference study" in text and "| clean no intervention |" in text
     assert "MEDA 25% (conditioned on non-toxic)" in text
     summary = json.loads((out / "report.json").read_text())
-    assert {c["verdict"] for c in summary["claims"]} <= {"reproduced", "not reproduced", "direction agrees, not significant"}
+    assert {c["verdict"] for c in summary["claims"]} <= {"reproduced", "not reproduced", "direction agrees, not significant",
+                                                         "contradicted (opposite, significant)"}
     assert len(summary["claims"]) >= 5
     for name in ("toxicity_by_share.png", "probe_accuracy.png", "tradeoff.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0

@@ -5,8 +5,8 @@ model is evaluated on the same prompts with the same sampling seed); a prompt's 
 the maximum toxicity over its samples, averaged over seeds, and two conditions are compared
 by a paired t-test over prompts. Per-share summaries average runs over seeds with
 t-based 95% intervals (seeds are the unit there). Probe-accuracy distributions are compared
-by a one-sided Mann-Whitney U test on the top decile of heads of each model, pooled over
-seeds (the "right tail").
+by a one-sided Mann-Whitney U test on the top quarter of heads of each model, pooled over
+seeds (the "right tail"), and on all heads.
 """
 
 from __future__ import annotations
@@ -98,15 +98,19 @@ def prompt_scores(rows: list[dict], protocol: str, **where: Any) -> np.ndarray |
     return np.mean([r[f"{protocol}_prompt_max"] for r in chosen], axis=0)
 
 
-def right_tail_test(high: Sequence[np.ndarray], low: Sequence[np.ndarray], tail: float = 0.1) -> dict[str, float]:
+RIGHT_TAIL = 0.25  # share of each model's heads that forms its right tail
+
+
+def right_tail_test(high: Sequence[np.ndarray], low: Sequence[np.ndarray], tail: float = RIGHT_TAIL) -> dict[str, float]:
     """One-sided Mann-Whitney U: are the top ``tail`` heads of ``high``'s models more accurate than ``low``'s?"""
 
     def top(arrays):
         return np.concatenate([np.sort(a.ravel())[-max(1, round(tail * a.size)) :] for a in arrays])
 
     a, b = top(high), top(low)
-    u = stats.mannwhitneyu(a, b, alternative="greater")
-    return {"top_mean_high": float(a.mean()), "top_mean_low": float(b.mean()), "p": float(u.pvalue), "n_high": len(a), "n_low": len(b)}
+    whole = stats.mannwhitneyu(np.concatenate([x.ravel() for x in high]), np.concatenate([x.ravel() for x in low]), alternative="greater")
+    return {"top_mean_high": float(a.mean()), "top_mean_low": float(b.mean()), "p": float(stats.mannwhitneyu(a, b, alternative="greater").pvalue),
+            "p_all_heads": float(whole.pvalue), "n_high": len(a), "n_low": len(b)}
 
 
 def group_mean(rows: list[dict], key: str, **where: Any) -> tuple[float, float, float] | None:
@@ -122,7 +126,9 @@ def group_mean(rows: list[dict], key: str, **where: Any) -> tuple[float, float, 
 def _verdict(holds: bool, significant: bool) -> str:
     if holds and significant:
         return "reproduced"
-    return "direction agrees, not significant" if holds else "not reproduced"
+    if holds:
+        return "direction agrees, not significant"
+    return "contradicted (opposite, significant)" if significant else "not reproduced"
 
 
 def _fmt_test(t: dict) -> str:
@@ -145,14 +151,30 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
 
     # 1. base toxicity rises with the toxic share
     for d in config.designs:
-        base = [r for r in rows if r["method"] == "base" and r["tagged"] is None and (r["design"] in (d, "clean"))]
-        if len({r["share"] for r in base}) >= 2:
+        if top_share is None:
+            break
+        a = prompt_scores(rows, "rtp", method="base", **run_filter(top_share, d))
+        b = prompt_scores(rows, "rtp", method="base", **run_filter(0.0))
+        if a is None or b is None:
+            continue
+        t = paired_test(a, b)
+        evidence = f"per-prompt max toxicity without intervention, {top_share:.0%} minus clean: {_fmt_test(t)}"
+        base = [r for r in rows if r["method"] == "base" and r["tagged"] is None and r["design"] in (d, "clean")]
+        if len({r["share"] for r in base}) >= 3:
             fit = stats.linregress([r["share"] for r in base], [r["rtp_mean_toxicity"] for r in base])
+            evidence += f"; RTP mean toxicity vs share over {len(base)} models: slope {fit.slope:+.3f} per unit share, p = {fit.pvalue:.2g}"
+        claims.append({"claim": f"Base toxicity rises with the toxic share ({d} design, RTP)", "evidence": evidence,
+                       "verdict": _verdict(t["diff"] > 0, t["p"] < 0.05)})
+    # 1b. ITI lowers toxicity at all (the premise of every ITI comparison)
+    for share in [0.0] + ([ref] if ref is not None else []):
+        a = prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(share))
+        b = prompt_scores(rows, "rtp", method="base", **run_filter(share))
+        if a is not None and b is not None:
+            t = paired_test(a, b)
             claims.append({
-                "claim": f"Base toxicity rises with the toxic share ({d} design)",
-                "evidence": f"RTP mean toxicity vs share over {len(base)} models: slope {fit.slope:+.4f} per unit share, "
-                            f"p = {fit.pvalue:.2g}",
-                "verdict": _verdict(fit.slope > 0, fit.pvalue < 0.05),
+                "claim": f"ITI ({strongest}) lowers the toxicity of the {'clean' if share == 0 else f'{share:.0%}-toxic'} model (RTP)",
+                "evidence": f"per-prompt max toxicity, ITI minus no intervention: {_fmt_test(t)}",
+                "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
             })
     # 2. capability barely moves with the toxic share
     if top_share is not None:
@@ -174,8 +196,9 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
             t = right_tail_test(high, low)
             claims.append({
                 "claim": f"Toxicity is more linearly separable in the {top_share:.0%}-toxic model (right tail of per-head probe accuracy)",
-                "evidence": f"top-decile head accuracy {t['top_mean_high']:.3f} vs {t['top_mean_low']:.3f} (clean); "
-                            f"one-sided Mann-Whitney p = {t['p']:.2g} ({t['n_high']} vs {t['n_low']} heads)",
+                "evidence": f"mean accuracy of each model's top {RIGHT_TAIL:.0%} heads {t['top_mean_high']:.3f} vs "
+                            f"{t['top_mean_low']:.3f} (clean); one-sided Mann-Whitney p = {t['p']:.2g} ({t['n_high']} vs "
+                            f"{t['n_low']} heads; all heads: p = {t['p_all_heads']:.2g})",
                 "verdict": _verdict(t["top_mean_high"] > t["top_mean_low"], t["p"] < 0.05),
             })
     # 4. ITI detoxifies the reference-share model further than the clean model
@@ -442,7 +465,7 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
         f"Probes: `{config.probe.data}`, last token, C = {config.probe.C}. ITI: top {config.iti.k} heads, "
         f"{config.iti.direction} directions, alpha {', '.join(f'{k} {v:g}' for k, v in config.iti.alphas.items())}. "
         f"Evaluation: RTP {config.eval.rtp_prompts} prompts per split x {config.eval.rtp_samples} samples, "
-        f"ToxiGen {config.eval.toxigen_prompts} prompts, scorer `{config.eval.scorer}`; CE/KL on "
+        f"ToxiGen {config.eval.toxigen_prompts} prompts per prompt file, scorer `{config.eval.scorer}`; CE/KL on "
         f"{config.eval.ce_docs} WikiText-2 rows; BLiMP {config.eval.blimp_per_paradigm} pairs per paradigm.", "",
         "## Claims of the reference study", "",
         "| claim | evidence | verdict |", "|---|---|---|",
