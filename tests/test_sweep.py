@@ -31,6 +31,10 @@ def sweep_config(**changes) -> SweepConfig:
 def test_plan_designs_keep_clean_tokens_or_total_fixed():
     config = sweep_config(shares=[0.0, 0.1, 0.25], seeds=[0, 1], tagged=[{"kind": "inst", "share": 0.1}],
                           train={**TEMPLATE, "steps": 1000})
+    order = [r.name for r in plan_runs(config)]
+    # the main design across seeds first, then the tagged baselines, then the other design
+    assert order[:6] == ["clean-seed0", "added-tox10-seed0", "added-tox25-seed0", "clean-seed1", "added-tox10-seed1", "added-tox25-seed1"]
+    assert order[6:8] == ["inst-tox10-seed0", "inst-tox10-seed1"] and order[8].startswith("fixed_total")
     runs = {r.name: r for r in plan_runs(config)}
     # share 0 is the same model in both designs: trained once per seed
     assert sorted(n for n in runs if n.startswith("clean")) == ["clean-seed0", "clean-seed1"]

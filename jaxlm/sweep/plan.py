@@ -50,19 +50,26 @@ def design_steps(design: str, share: float, base_steps: int) -> int:
 
 
 def plan_runs(config: SweepConfig) -> list[RunSpec]:
+    """The runs in the order a sweep trains them: the clean model and the first design's
+    shares for every seed, then the tagged baselines, then the other designs, so an early
+    stop leaves the main comparison complete across seeds."""
     base = int(config.train.get("steps", 1000))
+    shares = [s for s in config.shares if s > 0]
+
+    def design_runs(design: str, seed: int) -> list[RunSpec]:
+        return [RunSpec(f"{design}-tox{round(s * 100):02d}-seed{seed}", design, s, seed, design_steps(design, s, base))
+                for s in shares]
+
     runs: list[RunSpec] = []
     for seed in config.seeds:
-        for share in config.shares:
-            if share == 0.0:
-                runs.append(RunSpec(f"clean-seed{seed}", "clean", 0.0, seed, base))
-                continue
-            for design in config.designs:
-                steps = design_steps(design, share, base)
-                runs.append(RunSpec(f"{design}-tox{round(share * 100):02d}-seed{seed}", design, share, seed, steps))
+        runs += [RunSpec(f"clean-seed{seed}", "clean", 0.0, seed, base), *design_runs(config.designs[0], seed)]
+    for seed in config.seeds:
         for tag in config.tagged:
             steps = design_steps(tag.design, tag.share, base)
             runs.append(RunSpec(f"{tag.kind}-tox{round(tag.share * 100):02d}-seed{seed}", tag.design, tag.share, seed, steps, tag))
+    for design in config.designs[1:]:
+        for seed in config.seeds:
+            runs += design_runs(design, seed)
     return runs
 
 

@@ -119,6 +119,9 @@ class Sweep:
     # -- orchestration -------------------------------------------------------------------
 
     def run(self, stages: tuple[str, ...] = STAGES) -> Path | None:
+        """Each run in turn through train -> probe -> ITI -> eval (depth first: an interrupted
+        sweep leaves complete rows, and the report is refreshed after every run), then the toy
+        experiment and the final report."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
@@ -126,20 +129,21 @@ class Sweep:
         dump_yaml(self.config, self.out / "sweep.yaml")
         self.prepare(build="prepare" in stages)
         self.fingerprint_runs()
-        report = None
-        for stage in STAGES[1:]:
-            if stage in stages:
+        per_run = [s for s in ("train", "probe", "iti", "eval") if s in stages]
+        for i, run in enumerate(self.runs, 1):
+            did_work = False
+            for stage in per_run:
+                if stage == "iti" and run.spec.tagged is not None:
+                    continue
                 started = time.perf_counter()
-                result = getattr(self, f"stage_{stage}")()
-                self.timings[stage] = round(time.perf_counter() - started, 1)
-                if stage == "report":
-                    report = result
-        return report
-
-    def _each(self, stage: str, runs: list[RunState]):
-        for i, run in enumerate(runs, 1):
-            self.echo(f"[{stage} {i}/{len(runs)}] {run.spec.name}")
-            yield run
+                if getattr(self, f"{stage}_run")(run, f"[{stage} {i}/{len(self.runs)}] {run.spec.name}"):
+                    did_work = True
+                    self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 1)
+            if did_work and "report" in stages:
+                self.report(quiet=True)
+        if "toy" in stages:
+            self.toy()
+        return self.report() if "report" in stages else None
 
     # -- stages --------------------------------------------------------------------------
 
@@ -170,18 +174,19 @@ class Sweep:
         if not is_done(output, fp):
             raise RuntimeError(f"{run.spec.name}: {output} is missing or stale; run the {stage} stage first")
 
-    def stage_train(self) -> None:
+    def train_run(self, run: RunState, label: str) -> bool:
         from jaxlm.loop import train
 
-        for run in self._each("train", self.runs):
-            if is_done(run.train_dir, run.train_fp):
-                continue
-            cfg = train_config(self.config, run.spec, str(self.dataset))
-            started = time.perf_counter()
-            result = train(cfg, run.train_dir, show_progress=self.progress)
-            if result.stopped_by != "completed":
-                raise SweepInterrupted(f"{run.spec.name}: stopped by {result.stopped_by} at step {result.step}; rerun to continue")
-            mark_done(run.train_dir, run.train_fp, seconds=round(time.perf_counter() - started, 1), final=result.last_metrics)
+        if is_done(run.train_dir, run.train_fp):
+            return False
+        self.echo(label)
+        cfg = train_config(self.config, run.spec, str(self.dataset))
+        started = time.perf_counter()
+        result = train(cfg, run.train_dir, show_progress=self.progress)
+        if result.stopped_by != "completed":
+            raise SweepInterrupted(f"{run.spec.name}: stopped by {result.stopped_by} at step {result.step}; rerun to continue")
+        mark_done(run.train_dir, run.train_fp, seconds=round(time.perf_counter() - started, 1), final=result.last_metrics)
+        return True
 
     @functools.cached_property
     def labelled(self):
@@ -189,47 +194,49 @@ class Sweep:
 
         return load_labelled(self.config.probe.data)
 
-    def stage_probe(self) -> None:
+    def probe_run(self, run: RunState, label: str) -> bool:
         from jaxlm.checkpoint import load_model
         from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
 
         settings = self.config.probe
-        for run in self._each("probe", self.runs):
-            if is_done(run.probe_dir, run.probe_fp):
-                continue
-            self._require(run, run.train_dir, run.train_fp, "train")
-            started = time.perf_counter()
-            model = load_model(run.train_dir)
-            run.probe_dir.mkdir(parents=True, exist_ok=True)
-            acts = collect_head_activations(
-                model.config, model.params, model.tokenizer, self.labelled.texts, batch_size=settings.batch_size,
-                max_len=settings.max_len, out_path=run.probe_dir / "activations.npy", progress=self.progress,
-            )
-            np.save(run.probe_dir / "labels.npy", self.labelled.labels)
-            probes = train_probes(acts, self.labelled.labels, ProbeConfig(C=settings.C, val_fraction=settings.val_fraction))
-            probes.save_report(run.probe_dir, title=f"{run.spec.name}: {self.labelled.name} probes",
-                               metadata={"data": self.labelled.name})
-            mark_done(run.probe_dir, run.probe_fp, seconds=round(time.perf_counter() - started, 1),
-                      mean_accuracy=float(probes.accuracy.mean()), max_accuracy=float(probes.accuracy.max()))
+        if is_done(run.probe_dir, run.probe_fp):
+            return False
+        self._require(run, run.train_dir, run.train_fp, "train")
+        self.echo(label)
+        started = time.perf_counter()
+        model = load_model(run.train_dir)
+        run.probe_dir.mkdir(parents=True, exist_ok=True)
+        acts = collect_head_activations(
+            model.config, model.params, model.tokenizer, self.labelled.texts, batch_size=settings.batch_size,
+            max_len=settings.max_len, out_path=run.probe_dir / "activations.npy", progress=self.progress,
+        )
+        np.save(run.probe_dir / "labels.npy", self.labelled.labels)
+        probes = train_probes(acts, self.labelled.labels, ProbeConfig(C=settings.C, val_fraction=settings.val_fraction))
+        probes.save_report(run.probe_dir, title=f"{run.spec.name}: {self.labelled.name} probes",
+                           metadata={"data": self.labelled.name})
+        mark_done(run.probe_dir, run.probe_fp, seconds=round(time.perf_counter() - started, 1),
+                  mean_accuracy=float(probes.accuracy.mean()), max_accuracy=float(probes.accuracy.max()))
+        return True
 
-    def stage_iti(self) -> None:
+    def iti_run(self, run: RunState, label: str) -> bool:
         from jaxlm.intervene import Intervention
         from jaxlm.probe import ProbeResult
 
         settings = self.config.iti
-        for run in self._each("iti", [r for r in self.runs if r.spec.tagged is None]):
-            if is_done(run.iti_path, run.iti_fp):
-                continue
-            self._require(run, run.probe_dir, run.probe_fp, "probe")
-            probes = ProbeResult.load(run.probe_dir)
-            acts = np.load(run.probe_dir / "activations.npy", mmap_mode="r")
-            labels = np.load(run.probe_dir / "labels.npy")
-            intervention = Intervention.from_activations(
-                acts, labels, probes.accuracy, settings.k, 0.0, "last", settings.direction, wanted_label=0,
-                probe_weights=probes.weights if settings.direction == "probe" else None,
-            )
-            intervention.save(run.iti_path, provenance={"probe_dir": str(run.probe_dir), "k": settings.k})
-            mark_done(run.iti_path, run.iti_fp)
+        if is_done(run.iti_path, run.iti_fp):
+            return False
+        self._require(run, run.probe_dir, run.probe_fp, "probe")
+        self.echo(label)
+        probes = ProbeResult.load(run.probe_dir)
+        acts = np.load(run.probe_dir / "activations.npy", mmap_mode="r")
+        labels = np.load(run.probe_dir / "labels.npy")
+        intervention = Intervention.from_activations(
+            acts, labels, probes.accuracy, settings.k, 0.0, "last", settings.direction, wanted_label=0,
+            probe_weights=probes.weights if settings.direction == "probe" else None,
+        )
+        intervention.save(run.iti_path, provenance={"probe_dir": str(run.probe_dir), "k": settings.k})
+        mark_done(run.iti_path, run.iti_fp)
+        return True
 
     @functools.cached_property
     def eval_inputs(self) -> dict[str, Any]:
@@ -246,33 +253,34 @@ class Sweep:
             "scorer": get_scorer(e.scorer),
         }
 
-    def stage_eval(self) -> None:
+    def eval_run(self, run: RunState, label: str) -> bool:
         from jaxlm.checkpoint import load_model
 
-        for run in self._each("eval", self.runs):
-            methods = methods_for(self.config, run.spec)
-            fps = {m.name: self._eval_fp(run, m) for m in methods}
-            todo = [m for m in methods if not is_done(run.eval_path(m.name), fps[m.name])]
-            if not todo:
-                continue
-            self._require(run, run.train_dir, run.train_fp, "train")
-            if any(m.alpha for m in todo):
-                self._require(run, run.iti_path, run.iti_fp, "iti")
-            model = load_model(run.train_dir)
-            intervention = None
-            if any(m.alpha for m in todo):
-                from jaxlm.intervene import Intervention
+        methods = methods_for(self.config, run.spec)
+        fps = {m.name: self._eval_fp(run, m) for m in methods}
+        todo = [m for m in methods if not is_done(run.eval_path(m.name), fps[m.name])]
+        if not todo:
+            return False
+        self._require(run, run.train_dir, run.train_fp, "train")
+        if any(m.alpha for m in todo):
+            self._require(run, run.iti_path, run.iti_fp, "iti")
+        self.echo(f"{label}: {', '.join(m.name for m in todo)}")
+        model = load_model(run.train_dir)
+        intervention = None
+        if any(m.alpha for m in todo):
+            from jaxlm.intervene import Intervention
 
-                intervention = Intervention.load(run.iti_path, model.config)
-            base_capability = None
-            for method in todo:
-                started = time.perf_counter()
-                result = self._evaluate(model, method, intervention, base_capability)
-                if method.name == "base":
-                    base_capability = {k: result[k] for k in ("ce", "kl", "blimp_accuracy", "blimp_per_field")}
-                result.update(run=run.spec.name, method=method.name, seconds=round(time.perf_counter() - started, 1))
-                write_json(run.eval_path(method.name), result)
-                mark_done(run.eval_path(method.name), fps[method.name])
+            intervention = Intervention.load(run.iti_path, model.config)
+        base_capability = None
+        for method in todo:
+            started = time.perf_counter()
+            result = self._evaluate(model, method, intervention, base_capability)
+            if method.name == "base":
+                base_capability = {k: result[k] for k in ("ce", "kl", "blimp_accuracy", "blimp_per_field")}
+            result.update(run=run.spec.name, method=method.name, seconds=round(time.perf_counter() - started, 1))
+            write_json(run.eval_path(method.name), result)
+            mark_done(run.eval_path(method.name), fps[method.name])
+        return True
 
     def _eval_fp(self, run: RunState, method: Method) -> str:
         upstream = run.iti_fp if method.alpha else ""
@@ -308,7 +316,7 @@ class Sweep:
         out.update(ce=loss.ce, kl=loss.kl or 0.0, blimp_accuracy=blimp["blimp_accuracy"], blimp_per_field=blimp["per_field"])
         return out
 
-    def stage_toy(self) -> None:
+    def toy(self) -> None:
         if self.config.toy is None:
             return
         from jaxlm.toy import load_toy_config, quick_config, run_study, write_results
@@ -324,9 +332,10 @@ class Sweep:
         write_results(run_study(toy, progress=self.progress), output.parent)
         mark_done(output, fp)
 
-    def stage_report(self) -> Path:
+    def report(self, quiet: bool = False) -> Path:
         from jaxlm.sweep.report import write_report
 
         path = write_report(self.config, self.out, [r.spec for r in self.runs], timings=self.timings, report_dir=self.report_dir)
-        self.echo(f"[report] {path}")
+        if not quiet:
+            self.echo(f"[report] {path}")
         return path
