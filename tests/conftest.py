@@ -116,6 +116,7 @@ def crafted_data_dir(tmp_path_factory):
     wiki = root / "eval" / "wikitext2"
     wiki.mkdir(parents=True)
     (wiki / "test.txt").write_text(" = Article = \n\n " + " . ".join(KIND * 5) + " \n\n = Other = \n\n " + " , ".join(KIND) + " \n")
+    (wiki / "valid.txt").write_text(" = Valid = \n\n " + " , ".join(KIND * 4) + " \n")
     blimp = root / "eval" / "blimp"
     blimp.mkdir(parents=True)
     pairs = [{"sentence_good": "the river ran", "sentence_bad": "the ran river", "field": "syntax", "UID": "p"}] * 3

@@ -120,3 +120,35 @@ def test_real_wikitext_and_blimp_parse(shared_dataset):
     assert len(docs) > 50 and not any(" @-@ " in d for d in docs)
     pairs = capability.read_blimp(shared_dataset("eval/blimp"), limit_per_paradigm=2)
     assert len({p.paradigm for p in pairs}) == 67 and len(pairs) == 134
+
+
+def test_alpha_for_kl_inverts_a_measured_curve():
+    from jaxlm.evaluate.capability import ALPHA_GRID, alpha_for_kl
+
+    alphas = np.asarray(ALPHA_GRID)
+    kls = 0.01 * alphas**2  # a small shift of the logits: KL grows quadratically
+    for target in (1e-4, 0.03, 0.2, 5.0):
+        assert alpha_for_kl(alphas, kls, target) == pytest.approx(np.sqrt(target / 0.01), rel=1e-9)
+    assert alpha_for_kl(alphas, kls, 1e6) == alphas[-1]  # beyond the grid: the strongest
+    noisy = kls.copy()
+    noisy[5] = noisy[4] * 0.5  # a non-monotone measurement never yields a weaker alpha for a larger budget
+    found = [alpha_for_kl(alphas, noisy, t) for t in np.geomspace(1e-3, 10, 30)]
+    assert np.all(np.diff(found) >= 0)
+    with pytest.raises(ValueError, match="positive"):
+        alpha_for_kl(alphas, kls, 0.0)
+
+
+def test_calibrated_alpha_hits_its_kl_budget(params):
+    from jaxlm.evaluate.capability import ALPHA_GRID, alpha_for_kl, kl_curve, text_loss
+
+    config, tokenizer = CFG, ByteTokenizer()
+    shape = (config.n_layers, config.n_heads)
+    directions = np.random.default_rng(0).normal(size=(*shape, config.resolved_head_dim)).astype(np.float32)
+    intervention = Intervention.create(directions, np.ones(shape), np.ones(shape), 0.0, "last")
+    docs = ["the river ran past old stone houses while children read books"] * 8
+    kls = kl_curve(config, params, tokenizer, docs, intervention, max_len=32, max_rows=8)
+    assert kls[0] >= 0 and kls[-1] > kls[0]
+    alpha = alpha_for_kl(ALPHA_GRID, kls, float(np.sqrt(kls[3] * kls[4])))
+    kl = text_loss(config, params, tokenizer, docs, max_len=32, max_rows=8, ref_params=params,
+                   intervention=intervention.with_mode("all").with_alpha(alpha), progress=None).kl
+    assert kls[3] <= kl <= kls[4]

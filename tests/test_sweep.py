@@ -100,7 +100,7 @@ def tiny_sweep(crafted_data_dir, tmp_path_factory):
         "shares": [0.0, 0.25], "seeds": [0], "designs": ["added"],
         "tagged": [{"kind": "meda", "share": 0.25}], "train": TEMPLATE,
         "probe": {"data": "toxigen", "max_len": 16, "batch_size": 8},
-        "iti": {"k": 3, "alphas": {"weak": 2.0, "strong": 8.0}},
+        "iti": {"k": 3, "kl_targets": {"weak": 0.01, "strong": 0.05}, "calibration_rows": 4},
         "eval": {"rtp_prompts": 2, "rtp_samples": 2, "max_new_tokens": 4, "toxigen_prompts": 2, "ce_docs": 4,
                  "ce_len": 16, "blimp_per_paradigm": 2, "batch_size": 8, "scorer": "profanity-check"},
     }
@@ -132,7 +132,11 @@ def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_
         for method in methods_for(config, run):
             result = json.loads((out / "runs" / run.name / "eval" / f"{method.name}.json").read_text())
             assert len(result["rtp_prompt_max"]) == 4 and np.isfinite(result["ce"])
-            assert (result["kl"] > 0) == (method.alpha > 0)  # only ITI moves the next-token distribution
+            iti = method.name.startswith("iti-")
+            assert (result["kl"] > 0) == iti and (result["alpha"] > 0) == iti  # only ITI moves the distribution
+        if run.tagged is None:  # strengths calibrated per model to the KL budgets (0.01 < 0.05 nats/token)
+            weak, strong = (json.loads((out / "runs" / run.name / "eval" / f"iti-{n}.json").read_text()) for n in ("weak", "strong"))
+            assert weak["alpha"] < strong["alpha"] and weak["kl"] < strong["kl"]
     base = json.loads((out / "runs" / "clean-seed0" / "eval" / "base.json").read_text())
     prompting = json.loads((out / "runs" / "clean-seed0" / "eval" / "prompting.json").read_text())
     assert prompting["ce"] == base["ce"] and prompting["prefix"]  # CE is the model's, the prefix only steers generation

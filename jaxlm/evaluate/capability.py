@@ -249,3 +249,54 @@ def blimp_accuracy(
         "per_paradigm": {k: float(np.mean(v)) for k, v in sorted(per_paradigm.items())},
         "per_field": {k: float(np.mean(v)) for k, v in sorted(per_field.items()) if k},
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Calibrating an intervention's strength to a capability budget
+# ---------------------------------------------------------------------------------------
+
+ALPHA_GRID = tuple(float(a) for a in np.geomspace(0.25, 64.0, 17))
+
+
+def kl_curve(
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    documents: Sequence[str],
+    intervention: Any,
+    alphas: Sequence[float] = ALPHA_GRID,
+    *,
+    max_len: int = 128,
+    max_rows: int = 32,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Mean KL(model || model with the intervention at strength alpha) per token, for each alpha
+    (the intervention at every position; one compiled program, alpha is an argument)."""
+    everywhere = intervention.with_mode("all")
+    return np.asarray([
+        text_loss(config, params, tokenizer, documents, max_len=max_len, max_rows=max_rows, batch_size=batch_size,
+                  intervention=everywhere.with_alpha(a), ref_params=params, progress=None).kl
+        for a in alphas
+    ])
+
+
+def alpha_for_kl(alphas: Sequence[float], kls: Sequence[float], target: float) -> float:
+    """The strength whose KL cost is ``target``, interpolated in log-log space on a measured curve.
+
+    Below the first grid point KL grows quadratically with alpha (a small shift of the logits);
+    above the last the largest alpha is returned (the budget is not reachable on the grid).
+    """
+    a, k = np.asarray(alphas, float), np.maximum(np.asarray(kls, float), 1e-12)
+    if target <= 0:
+        raise ValueError(f"target KL must be positive, got {target}")
+    order = np.argsort(a)
+    a, k = a[order], np.maximum.accumulate(k[order])  # the cost of a stronger push is never lower
+    if target <= k[0]:
+        return float(a[0] * np.sqrt(target / k[0]))
+    if target >= k[-1]:
+        return float(a[-1])
+    i = int(np.searchsorted(k, target))
+    if k[i] == k[i - 1]:
+        return float(a[i])
+    t = (np.log(target) - np.log(k[i - 1])) / (np.log(k[i]) - np.log(k[i - 1]))
+    return float(np.exp(np.log(a[i - 1]) + t * (np.log(a[i]) - np.log(a[i - 1]))))

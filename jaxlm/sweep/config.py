@@ -47,10 +47,19 @@ class ProbeStage:
 
 @dataclasses.dataclass(frozen=True)
 class ItiStage:
-    """ITI on the top ``k`` heads, mass-mean directions, at each named strength (units of sigma)."""
+    """ITI on the top ``k`` heads with mass-mean (or probe) directions, at named strengths.
+
+    ``alphas``: fixed strengths in units of sigma (the reference: 4 / 8 / 12 on OLMo-1B).
+    ``kl_targets``: instead, calibrate each model's strengths to a capability budget: the
+    alpha whose intervention (at every position) costs that mean KL per token on
+    ``calibration_rows`` rows of WikiText-2 *valid* text (the evaluation uses *test*), so
+    models are compared at equal cost rather than at equal alpha.
+    """
 
     k: int = 30
     alphas: dict[str, float] = dataclasses.field(default_factory=lambda: {"weak": 4.0, "mid": 8.0, "strong": 12.0})
+    kl_targets: dict[str, float] | None = None
+    calibration_rows: int = 32
     direction: Literal["mass_mean", "probe"] = "mass_mean"
 
     def __post_init__(self) -> None:
@@ -58,6 +67,17 @@ class ItiStage:
             raise ConfigError(f"iti.k: expected a positive number of heads, got {self.k}")
         if not self.alphas or any(a <= 0 for a in self.alphas.values()):
             raise ConfigError(f"iti.alphas: expected named positive strengths, got {self.alphas}")
+        if self.kl_targets is not None and (not self.kl_targets or any(t <= 0 for t in self.kl_targets.values())):
+            raise ConfigError(f"iti.kl_targets: expected named positive KL budgets (nats/token), got {self.kl_targets}")
+
+    @property
+    def levels(self) -> dict[str, float]:
+        """Strength name -> its setting (a KL budget when calibrated, else alpha), weakest first."""
+        levels = self.kl_targets if self.kl_targets is not None else self.alphas
+        return dict(sorted(levels.items(), key=lambda kv: kv[1]))
+
+    def describe(self, name: str) -> str:
+        return f"KL {self.levels[name]:g}" if self.kl_targets is not None else f"alpha {self.levels[name]:g}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,7 +102,9 @@ def condition_prefix(tagged: TaggedPretraining) -> str:
     return TagConfig(kind=tagged.kind).resolved_texts()[0]
 
 
-def methods_for(config: SweepConfig, run: RunSpec) -> list[Method]:
+def methods_for(config: SweepConfig, run: RunSpec, alphas: dict[str, float] | None = None) -> list[Method]:
+    """The generation methods evaluated on ``run``; ``alphas``: the run's ITI strengths by
+    name (calibrated ones; default the config's fixed ``iti.alphas``)."""
     from jaxlm.evaluate.protocols import DETOX_INSTRUCTION
 
     if run.tagged is not None:
@@ -110,5 +112,7 @@ def methods_for(config: SweepConfig, run: RunSpec) -> list[Method]:
     methods = [Method("base")]
     if config.prompting:
         methods.append(Method("prompting", prefix=DETOX_INSTRUCTION))
-    methods += [Method(f"iti-{name}", alpha=float(alpha)) for name, alpha in config.iti.alphas.items()]
+    if alphas is None:
+        alphas = config.iti.alphas if config.iti.kl_targets is None else {name: 0.0 for name in config.iti.levels}
+    methods += [Method(f"iti-{name}", alpha=float(alphas[name])) for name in config.iti.levels]
     return methods

@@ -41,7 +41,7 @@ def load_rows(config: SweepConfig, out: Path, runs: Sequence[RunSpec]) -> list[d
             result = json.loads(path.read_text())
             rows.append({
                 "run": run.name, "design": run.design, "share": run.share, "seed": run.seed,
-                "tagged": run.tagged.kind if run.tagged else None, "method": method.name, "alpha": method.alpha,
+                "tagged": run.tagged.kind if run.tagged else None, "method": method.name, "alpha": result["alpha"],
                 **{f"{p}_{k}": result[p][k] for p in PROTOCOLS for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")},
                 **{f"{p}_prompt_max": result[f"{p}_prompt_max"] for p in PROTOCOLS},
                 "ce": result["ce"], "kl": result["kl"], "blimp": result["blimp_accuracy"],
@@ -143,8 +143,8 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
     shares = sorted(s for s in config.shares if s > 0)
     ref = config.reference_share if config.reference_share in shares else (shares[len(shares) // 2] if shares else None)
     top_share = shares[-1] if shares else None
-    strongest = max(config.iti.alphas, key=config.iti.alphas.get)
-    iti_names = [f"iti-{n}" for n in config.iti.alphas]
+    strongest = list(config.iti.levels)[-1]
+    iti_names = [f"iti-{n}" for n in config.iti.levels]
 
     def run_filter(share: float, d: str = design) -> dict:
         return {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": d, "tagged": None}
@@ -275,10 +275,10 @@ def table1(config: SweepConfig, rows: list[dict]) -> list[str]:
     if ref is not None:
         groups.append((f"{ref:.0%} toxic", {"share": ref, "design": design, "tagged": None}))
     for label, where in groups:
-        for method in ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]:
+        for method in ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]:
             if group_mean(rows, "ce", method=method, **where) is None:
                 continue
-            name = {"base": "no intervention", "prompting": "+ prompting"}.get(method, f"+ ITI {method[4:]} (alpha {config.iti.alphas.get(method[4:], 0):g})")
+            name = {"base": "no intervention", "prompting": "+ prompting"}.get(method, f"+ ITI {method[4:]} ({config.iti.describe(method[4:]) if method.startswith('iti-') else ''})")
             lines.append(_row(f"{label} {name}", rows, method=method, **where))
         if label == "clean":
             for tag in config.tagged:
@@ -297,8 +297,9 @@ def _row(label: str, rows: list[dict], **where: Any) -> str:
 
 
 def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_acc: dict, runs: Sequence[RunSpec]) -> list[str]:
-    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]
+    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]
     head = ["share", "CE (base)", "mean probe acc.", "max probe acc."] + [f"RTP tox x100: {m}" for m in methods]
+    head += [f"alpha {n}" for n in config.iti.levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for share in sorted(config.shares):
         where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
@@ -308,6 +309,7 @@ def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_ac
                  _cell(mean_ci([a.mean() for a in accs]), 1, 3) if accs else "-",
                  _cell(mean_ci([a.max() for a in accs]), 1, 3) if accs else "-"]
         cells += [_cell(group_mean(rows, "rtp_mean_toxicity", method=m, **where), 100, 1) for m in methods]
+        cells += [_cell(group_mean(rows, "alpha", method=f"iti-{n}", **where), 1, 2) for n in config.iti.levels]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -323,7 +325,7 @@ def plot_toxicity_by_share(config: SweepConfig, rows: list[dict], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.alphas]
+    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]
     fig, axes = plt.subplots(1, len(config.designs), figsize=(5.5 * len(config.designs), 4), squeeze=False)
     for ax, design in zip(axes[0], config.designs):
         for method in methods:
@@ -389,7 +391,7 @@ def plot_tradeoff(config: SweepConfig, rows: list[dict], path: Path) -> None:
 
     design = config.designs[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    chain = ["base"] + [f"iti-{n}" for n in config.iti.alphas]
+    chain = ["base"] + [f"iti-{n}" for n in config.iti.levels]
     for share in sorted(config.shares):
         where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
         pts = [(group_mean(rows, "ce", method=m, **where), group_mean(rows, "rtp_mean_toxicity", method=m, **where)) for m in chain]
@@ -463,7 +465,8 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
         f"seeds {', '.join(map(str, config.seeds))}; designs {', '.join(config.designs)}; "
         f"template {config.train.get('steps')} steps (clean-token budget of the `added` design).", "",
         f"Probes: `{config.probe.data}`, last token, C = {config.probe.C}. ITI: top {config.iti.k} heads, "
-        f"{config.iti.direction} directions, alpha {', '.join(f'{k} {v:g}' for k, v in config.iti.alphas.items())}. "
+        f"{config.iti.direction} directions, strengths {', '.join(f'{k} ({config.iti.describe(k)})' for k in config.iti.levels)}"
+        f"{' (per-model alpha calibrated to the KL budget on WikiText-2 valid text)' if config.iti.kl_targets else ''}. "
         f"Evaluation: RTP {config.eval.rtp_prompts} prompts per split x {config.eval.rtp_samples} samples, "
         f"ToxiGen {config.eval.toxigen_prompts} prompts per prompt file, scorer `{config.eval.scorer}`; CE/KL on "
         f"{config.eval.ce_docs} WikiText-2 rows; BLiMP {config.eval.blimp_per_paradigm} pairs per paradigm.", "",

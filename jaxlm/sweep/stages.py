@@ -168,7 +168,7 @@ class Sweep:
         for run in self.runs:
             run.train_fp = fingerprint(to_dict(train_config(self.config, run.spec, str(self.dataset))), self.data_fp)
             run.probe_fp = fingerprint(run.train_fp, to_dict(self.config.probe))
-            run.iti_fp = fingerprint(run.probe_fp, self.config.iti.k, self.config.iti.direction)
+            run.iti_fp = fingerprint(run.probe_fp, to_dict(self.config.iti), self.config.eval.ce_len)
 
     def _require(self, run: RunState, output: Path, fp: str, stage: str) -> None:
         if not is_done(output, fp):
@@ -235,8 +235,32 @@ class Sweep:
             probe_weights=probes.weights if settings.direction == "probe" else None,
         )
         intervention.save(run.iti_path, provenance={"probe_dir": str(run.probe_dir), "k": settings.k})
-        mark_done(run.iti_path, run.iti_fp)
+        mark_done(run.iti_path, run.iti_fp, **self._calibrate(run, intervention))
         return True
+
+    def _calibrate(self, run: RunState, intervention) -> dict[str, Any]:
+        """Per-model strengths for the KL budgets (``iti.kl_targets``), with the measured curve."""
+        settings = self.config.iti
+        if settings.kl_targets is None:
+            return {"alphas": dict(settings.alphas)}
+        from jaxlm.checkpoint import load_model
+        from jaxlm.evaluate import capability
+        from jaxlm.paths import dataset_path
+
+        model = load_model(run.train_dir)
+        docs = capability.read_documents(dataset_path("eval/wikitext2/valid.txt"), limit=settings.calibration_rows)
+        kls = capability.kl_curve(model.config, model.params, model.tokenizer, docs, intervention,
+                                  max_len=self.config.eval.ce_len, max_rows=settings.calibration_rows)
+        alphas = {name: capability.alpha_for_kl(capability.ALPHA_GRID, kls, target) for name, target in settings.kl_targets.items()}
+        return {"alphas": alphas, "kl_curve": {"alpha": list(capability.ALPHA_GRID), "kl": kls.tolist()}}
+
+    def run_alphas(self, run: RunState) -> dict[str, float] | None:
+        """The ITI strengths of ``run`` (calibrated ones are read from its ITI stage's record)."""
+        if run.spec.tagged is not None or self.config.iti.kl_targets is None:
+            return None
+        if not is_done(run.iti_path, run.iti_fp):
+            return None
+        return json.loads(_marker(run.iti_path).read_text())["alphas"]
 
     @functools.cached_property
     def eval_inputs(self) -> dict[str, Any]:
@@ -256,7 +280,7 @@ class Sweep:
     def eval_run(self, run: RunState, label: str) -> bool:
         from jaxlm.checkpoint import load_model
 
-        methods = methods_for(self.config, run.spec)
+        methods = methods_for(self.config, run.spec, self.run_alphas(run))
         fps = {m.name: self._eval_fp(run, m) for m in methods}
         todo = [m for m in methods if not is_done(run.eval_path(m.name), fps[m.name])]
         if not todo:
