@@ -298,16 +298,20 @@ def _row(label: str, rows: list[dict], **where: Any) -> str:
 
 def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_acc: dict, runs: Sequence[RunSpec]) -> list[str]:
     methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]
-    head = ["share", "CE (base)", "mean probe acc.", "max probe acc."] + [f"RTP tox x100: {m}" for m in methods]
+    head = ["share", "CE (base)", "mean probe acc.", "max probe acc.", f"top-{RIGHT_TAIL:.0%} heads (p vs clean)"]
+    head += [f"RTP tox x100: {m}" for m in methods]
     head += [f"alpha {n}" for n in config.iti.levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for share in sorted(config.shares):
         where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
         names = [r.name for r in runs if r.tagged is None and r.share == share and (r.design == design or share == 0)]
         accs = [probe_acc[n] for n in names if n in probe_acc]
+        clean = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.share == 0.0]
+        tail = right_tail_test(accs, clean) if accs and clean else None
         cells = [f"{share:.0%}", _cell(group_mean(rows, "ce", method="base", **where), 1, 3),
                  _cell(mean_ci([a.mean() for a in accs]), 1, 3) if accs else "-",
-                 _cell(mean_ci([a.max() for a in accs]), 1, 3) if accs else "-"]
+                 _cell(mean_ci([a.max() for a in accs]), 1, 3) if accs else "-",
+                 "-" if tail is None else f"{tail['top_mean_high']:.3f}" + ("" if share == 0 else f" (p {tail['p']:.2g})")]
         cells += [_cell(group_mean(rows, "rtp_mean_toxicity", method=m, **where), 100, 1) for m in methods]
         cells += [_cell(group_mean(rows, "alpha", method=f"iti-{n}", **where), 1, 2) for n in config.iti.levels]
         lines.append("| " + " | ".join(cells) + " |")
