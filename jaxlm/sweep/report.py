@@ -118,6 +118,25 @@ def group_mean(rows: list[dict], key: str, **where: Any) -> tuple[float, float, 
     return mean_ci(values) if values else None
 
 
+def share_filter(share: float, design: str) -> dict[str, Any]:
+    """Row filter for the untagged models of ``design`` at ``share`` (the clean models at 0)."""
+    return {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+
+
+def share_probes(probe_acc: dict[str, np.ndarray], runs: Sequence[RunSpec], share: float, design: str) -> list[np.ndarray]:
+    """Probe accuracies [L, H] of the models ``share_filter`` selects, one per seed."""
+    return [probe_acc[r.name] for r in runs
+            if r.name in probe_acc and r.tagged is None and r.share == share and (share == 0 or r.design == design)]
+
+
+def reference_share(config: SweepConfig) -> float | None:
+    """The toxic share compared with the clean model (``reference_share``, else the middle one)."""
+    shares = sorted(s for s in config.shares if s > 0)
+    if config.reference_share in shares:
+        return config.reference_share
+    return shares[len(shares) // 2] if shares else None
+
+
 # ---------------------------------------------------------------------------------------
 # Claims
 # ---------------------------------------------------------------------------------------
@@ -141,13 +160,13 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
     claims: list[dict] = []
     design = config.designs[0]
     shares = sorted(s for s in config.shares if s > 0)
-    ref = config.reference_share if config.reference_share in shares else (shares[len(shares) // 2] if shares else None)
+    ref = reference_share(config)
     top_share = shares[-1] if shares else None
     strongest = list(config.iti.levels)[-1]
     iti_names = [f"iti-{n}" for n in config.iti.levels]
 
     def run_filter(share: float, d: str = design) -> dict:
-        return {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": d, "tagged": None}
+        return share_filter(share, d)
 
     # 1. base toxicity rises with the toxic share
     for d in config.designs:
@@ -190,8 +209,7 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
             })
     # 3. probe accuracy: fatter right tail with more toxic data
     if top_share is not None:
-        high = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.tagged is None and r.share == top_share and r.design == design]
-        low = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.share == 0.0]
+        high, low = share_probes(probe_acc, runs, top_share, design), share_probes(probe_acc, runs, 0.0, design)
         if high and low:
             t = right_tail_test(high, low)
             claims.append({
@@ -267,13 +285,12 @@ def _cell(stat: tuple[float, float, float] | None, scale: float = 1.0, digits: i
 def table1(config: SweepConfig, rows: list[dict]) -> list[str]:
     """Toxicity (x100) and CE per method: clean, the reference share and the tagged baselines."""
     design = config.designs[0]
-    shares = sorted(s for s in config.shares if s > 0)
-    ref = config.reference_share if config.reference_share in shares else (shares[len(shares) // 2] if shares else None)
+    ref = reference_share(config)
     lines = ["| setup | ToxiGen mean toxicity x100 | RTP mean toxicity x100 | RTP expected max toxicity x100 | CE (WikiText-2) | KL | BLiMP |",
              "|---|---|---|---|---|---|---|"]
-    groups = [("clean", {"share": 0.0, "design": "clean"})]
+    groups = [("clean", share_filter(0.0, design))]
     if ref is not None:
-        groups.append((f"{ref:.0%} toxic", {"share": ref, "design": design, "tagged": None}))
+        groups.append((f"{ref:.0%} toxic", share_filter(ref, design)))
     for label, where in groups:
         for method in ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]:
             if group_mean(rows, "ce", method=method, **where) is None:
@@ -303,10 +320,8 @@ def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_ac
     head += [f"alpha {n}" for n in config.iti.levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for share in sorted(config.shares):
-        where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
-        names = [r.name for r in runs if r.tagged is None and r.share == share and (r.design == design or share == 0)]
-        accs = [probe_acc[n] for n in names if n in probe_acc]
-        clean = [probe_acc[r.name] for r in runs if r.name in probe_acc and r.share == 0.0]
+        where = share_filter(share, design)
+        accs, clean = share_probes(probe_acc, runs, share, design), share_probes(probe_acc, runs, 0.0, design)
         tail = right_tail_test(accs, clean) if accs and clean else None
         cells = [f"{share:.0%}", _cell(group_mean(rows, "ce", method="base", **where), 1, 3),
                  _cell(mean_ci([a.mean() for a in accs]), 1, 3) if accs else "-",
@@ -335,7 +350,7 @@ def plot_toxicity_by_share(config: SweepConfig, rows: list[dict], path: Path) ->
         for method in methods:
             xs, ms, los, his = [], [], [], []
             for share in sorted(config.shares):
-                where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+                where = share_filter(share, design)
                 stat = group_mean(rows, "rtp_mean_toxicity", method=method, **where)
                 if stat is not None:
                     xs.append(share * 100)
@@ -364,8 +379,7 @@ def plot_probe_distributions(config: SweepConfig, probe_acc: dict, runs: Sequenc
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     data, labels = [], []
     for share in sorted(config.shares):
-        accs = [probe_acc[r.name].ravel() for r in runs
-                if r.name in probe_acc and r.tagged is None and r.share == share and (r.design == design or share == 0)]
+        accs = [a.ravel() for a in share_probes(probe_acc, runs, share, design)]
         if accs:
             pooled = np.concatenate(accs)
             data.append(pooled)
@@ -397,7 +411,7 @@ def plot_tradeoff(config: SweepConfig, rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     chain = ["base"] + [f"iti-{n}" for n in config.iti.levels]
     for share in sorted(config.shares):
-        where = {"share": 0.0, "design": "clean"} if share == 0 else {"share": share, "design": design, "tagged": None}
+        where = share_filter(share, design)
         pts = [(group_mean(rows, "ce", method=m, **where), group_mean(rows, "rtp_mean_toxicity", method=m, **where)) for m in chain]
         pts = [(c[0], t[0]) for c, t in pts if c is not None and t is not None]
         if pts:
