@@ -115,6 +115,7 @@ class Sweep:
         self.dataset: Path | None = None
         self.data_fp = ""
         self.timings: dict[str, float] = {}
+        self._loaded: tuple[str, Any] | None = None  # (train fingerprint, LoadedModel) of the current run
 
     # -- orchestration -------------------------------------------------------------------
 
@@ -174,6 +175,14 @@ class Sweep:
         if not is_done(output, fp):
             raise RuntimeError(f"{run.spec.name}: {output} is missing or stale; run the {stage} stage first")
 
+    def model(self, run: RunState):
+        """The run's trained model, read from its checkpoint once for probe, calibration and eval."""
+        if self._loaded is None or self._loaded[0] != run.train_fp:
+            from jaxlm.checkpoint import load_model
+
+            self._loaded = (run.train_fp, load_model(run.train_dir))
+        return self._loaded[1]
+
     def train_run(self, run: RunState, label: str) -> bool:
         from jaxlm.loop import train
 
@@ -195,7 +204,6 @@ class Sweep:
         return load_labelled(self.config.probe.data)
 
     def probe_run(self, run: RunState, label: str) -> bool:
-        from jaxlm.checkpoint import load_model
         from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
 
         settings = self.config.probe
@@ -204,7 +212,7 @@ class Sweep:
         self._require(run, run.train_dir, run.train_fp, "train")
         self.echo(label)
         started = time.perf_counter()
-        model = load_model(run.train_dir)
+        model = self.model(run)
         run.probe_dir.mkdir(parents=True, exist_ok=True)
         acts = collect_head_activations(
             model.config, model.params, model.tokenizer, self.labelled.texts, batch_size=settings.batch_size,
@@ -243,11 +251,10 @@ class Sweep:
         settings = self.config.iti
         if settings.kl_targets is None:
             return {"alphas": dict(settings.alphas)}
-        from jaxlm.checkpoint import load_model
         from jaxlm.evaluate import capability
         from jaxlm.paths import dataset_path
 
-        model = load_model(run.train_dir)
+        model = self.model(run)
         docs = capability.read_documents(dataset_path("eval/wikitext2/valid.txt"), limit=settings.calibration_rows)
         kls = capability.kl_curve(model.config, model.params, model.tokenizer, docs, intervention,
                                   max_len=self.config.eval.ce_len, max_rows=settings.calibration_rows)
@@ -278,8 +285,6 @@ class Sweep:
         }
 
     def eval_run(self, run: RunState, label: str) -> bool:
-        from jaxlm.checkpoint import load_model
-
         methods = methods_for(self.config, run.spec, self.run_alphas(run))
         fps = {m.name: self._eval_fp(run, m) for m in methods}
         todo = [m for m in methods if not is_done(run.eval_path(m.name), fps[m.name])]
@@ -289,7 +294,7 @@ class Sweep:
         if any(m.alpha for m in todo):
             self._require(run, run.iti_path, run.iti_fp, "iti")
         self.echo(f"{label}: {', '.join(m.name for m in todo)}")
-        model = load_model(run.train_dir)
+        model = self.model(run)
         intervention = None
         if any(m.alpha for m in todo):
             from jaxlm.intervene import Intervention
