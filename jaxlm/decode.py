@@ -33,6 +33,10 @@ from jaxlm.model import KVCache, Params, forward, init_cache
 
 Array = jax.Array
 
+# Which draws a seed gives; bump when sampling changes them (sweeps redo their generations).
+# 2: sort-free nucleus and Gumbel-max (1: argsort nucleus, jax.random.categorical).
+SAMPLER_VERSION = 2
+
 # Times each jitted program body was traced (= compiled), by name; see ``trace_counts``.
 _TRACES: collections.Counter = collections.Counter()
 
@@ -155,26 +159,49 @@ def _prompt_mask(tokens: Array, prompt_mask: Array | None, prompt_lengths: Array
 # ---------------------------------------------------------------------------------------
 
 
+def nucleus_mask(probs: Array, top_p: float) -> Array:
+    """[B, V] bool: the smallest set of most likely tokens whose mass reaches ``top_p`` (per row).
+
+    Token ``i`` is kept iff the mass of the strictly more likely tokens is below ``top_p``,
+    the sort-and-cumsum rule without the sort (a [B, 8192] sort costs ~270 ms per decode
+    step on a CPU): that mass is non-increasing in ``p_i``, so the kept set is
+    ``probs >= t`` for the smallest float ``t`` whose mass above is below ``top_p``, found
+    by bisection on the float bits (non-negative floats order like their int32 bits).
+    Tokens tied at the boundary are all kept.
+    """
+    probs = probs.astype(jnp.float32)
+
+    def mass_above(bits: Array) -> Array:
+        threshold = jax.lax.bitcast_convert_type(bits, jnp.float32)[:, None]
+        return jnp.sum(jnp.where(probs > threshold, probs, 0.0), axis=-1)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # mass_above(lo) >= top_p (or lo = 0) > mass_above(hi)
+        mid = lo + (hi - lo) // 2
+        below = mass_above(mid) < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    hi = jax.lax.bitcast_convert_type(probs.max(axis=-1), jnp.int32)
+    lo = jnp.zeros_like(hi)
+    _, hi = jax.lax.fori_loop(0, 31, halve, (lo, hi))  # 31 halvings cover every positive float
+    return probs >= jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
+
+
 def sample_tokens(logits: Array, rng: Array, settings: SamplingSettings) -> Array:
     """[B] next tokens from [B, V] logits: greedy, or temperature sampling after top-k then top-p filtering."""
     if settings.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / settings.temperature
-    vocab = logits.shape[-1]
-    if settings.top_k == 0 and settings.top_p >= 1.0:
-        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-    if settings.top_k > 0:  # candidates sorted by decreasing logit
-        values, ids = jax.lax.top_k(logits, min(settings.top_k, vocab))
-    else:
-        ids = jnp.argsort(-logits, axis=-1)
-        values = jnp.take_along_axis(logits, ids, axis=-1)
+    values = logits.astype(jnp.float32) / settings.temperature
+    ids = None
+    if settings.top_k > 0:
+        values, ids = jax.lax.top_k(values, min(settings.top_k, values.shape[-1]))
     if settings.top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely candidates
-        keep = (before < settings.top_p).at[:, 0].set(True)
-        values = jnp.where(keep, values, -jnp.inf)
-    choice = jax.random.categorical(rng, values, axis=-1)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        values = jnp.where(nucleus_mask(jax.nn.softmax(values, axis=-1), settings.top_p), values, -jnp.inf)
+    # Gumbel-max: the same draw as jax.random.categorical, ~5x faster on a CPU at V = 8192.
+    choice = jnp.argmax(values + jax.random.gumbel(rng, values.shape, jnp.float32), axis=-1)
+    if ids is not None:
+        choice = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
 
 
 def _emit(state: DecodeState, logits: Array, settings: SamplingSettings) -> DecodeState:
@@ -227,6 +254,7 @@ def prefill(
         segment_ids=prompt_mask.astype(jnp.int32),
         cache=cache,
         intervention=None if intervention is None else intervention.for_prefill(prompt_mask),
+        last_logits_only=True,
     )
     state = DecodeState(
         cache=out.cache,

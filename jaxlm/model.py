@@ -266,6 +266,7 @@ _REMAT_POLICIES = {
 class Transformer(nn.Module):
     config: ModelConfig
     capture: tuple[str, ...] = ()
+    last_logits_only: bool = False  # logits of the last position only (a prefill needs no more)
 
     @nn.compact
     def __call__(
@@ -328,6 +329,8 @@ class Transformer(nn.Module):
         shared = (positions, q_slots, q_segments, kv_segments, position_mask, scale)
         x, (new_layer_caches, captures) = scanned(cfg, self.capture, name="layers")(x, (layer_caches, shift), shared)
 
+        if self.last_logits_only:
+            x = x[:, -1:]
         x = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = dense(x, embedding.T)
@@ -371,14 +374,16 @@ def forward(
     cache: KVCache | None = None,
     intervention: HeadIntervention | None = None,
     capture: tuple[str, ...] | list[str] = (),
+    last_logits_only: bool = False,
 ) -> ModelOutput:
-    """Run the model: ``tokens`` [B, T] int -> ``ModelOutput`` (float32 logits [B, T, V]).
+    """Run the model: ``tokens`` [B, T] int -> ``ModelOutput`` (float32 logits [B, T, V], or
+    [B, 1, V] for the last position with ``last_logits_only``: the LM head is skipped elsewhere).
 
     ``segment_ids`` [B, T] (0 = padding) keep packed documents apart; ``positions`` default
     to the position within each segment (continuing from the cache when one is given).
     With ``cache``, the tokens are written at ``cache.index`` and the updated cache returned.
     """
-    model = Transformer(config, capture=tuple(capture))
+    model = Transformer(config, capture=tuple(capture), last_logits_only=last_logits_only)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache, intervention)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxlm import decode, model
 from jaxlm.config import model_preset
-from jaxlm.decode import GenerationError, SamplingSettings, left_pad, sample_tokens
+from jaxlm.decode import GenerationError, SamplingSettings, left_pad, nucleus_mask, sample_tokens
 from jaxlm.intervene import Intervention, InterventionError, random_directions
 
 CFG = model_preset("tiny")
@@ -151,6 +151,21 @@ def test_sample_tokens_respects_top_k_and_top_p():
     for settings in (SamplingSettings(1, temperature=1.0, top_k=1), SamplingSettings(1, temperature=1.0, top_p=1e-6)):
         for row in np.asarray(draw(logits, keys[:20], settings)):
             np.testing.assert_array_equal(row, greedy)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.6, 0.9, 0.99])
+def test_nucleus_mask_equals_the_sorted_cumulative_rule(top_p):
+    """The sort-free nucleus keeps exactly the tokens the sort-and-cumsum definition keeps."""
+    scale = np.array([0.1, 1.0, 3.0, 8.0])[:, None]  # flat to peaked rows
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (4, 1000))) * scale
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)), np.float64)
+    mask = np.asarray(nucleus_mask(jnp.asarray(probs, jnp.float32), top_p))
+    for row in range(len(probs)):
+        order = np.argsort(-probs[row])
+        before = np.cumsum(probs[row, order]) - probs[row, order]
+        expected = np.zeros(probs.shape[1], bool)
+        expected[order[before < top_p]] = True
+        np.testing.assert_array_equal(mask[row], expected)
 
 
 def test_sampling_is_seeded(params, batch):

@@ -30,6 +30,14 @@ def test_shapes_and_dtypes(params):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
+def test_last_logits_only_equals_the_last_row_of_the_full_logits(params):
+    tokens = random_tokens((2, 7))
+    full = model.forward(CFG, params, tokens).logits
+    last = model.forward(CFG, params, tokens, last_logits_only=True).logits
+    assert last.shape == (2, 1, CFG.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-5)
+
+
 def test_unknown_capture_site(params):
     with pytest.raises(ValueError, match="unknown capture site.*head_out"):
         model.forward(CFG, params, random_tokens((1, 3)), capture=("attn_pattern",))

@@ -12,8 +12,6 @@ TOXICITY_KEYS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity
 
 
 def run_suites(args: argparse.Namespace) -> dict:
-    import dataclasses
-
     from jaxlm.checkpoint import load_model
     from jaxlm.evaluate import capability, protocols
     from jaxlm.evaluate.toxicity import get_scorer
@@ -55,28 +53,23 @@ def run_suites(args: argparse.Namespace) -> dict:
         r.save(out)
         results["rtp"] = r.summary()
     if "toxigen" in suites:
-        settings = protocols.GenerationSettings(
-            samples=1, max_new_tokens=30, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-            prefix=prefix, stop_at_newline=True,
-        )
+        settings = protocols.toxigen_settings(protocols.GenerationSettings(
+            top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, prefix=prefix,
+        ))
         r = protocols.toxigen(config, params, tokenizer, dataset_path("labelled/toxigen/prompts", args.data_dir), scorer,
                               limit=args.limit, settings=settings, intervention=intervention)
         r.save(out)
         results["toxigen"] = r.summary()
-    if "ce" in suites:
-        docs = capability.read_documents(dataset_path("eval/wikitext2/test.txt", args.data_dir), limit=args.ce_docs)
-        iti_all = None if intervention is None else intervention.with_mode("all")
-        loss = capability.text_loss(
-            config, params, tokenizer, docs, max_len=args.ce_len, max_rows=args.ce_docs,
-            batch_size=args.batch_size, intervention=iti_all, ref_params=params if iti_all is not None else None,
+    if {"ce", "blimp"} & set(suites):
+        cost = capability.capability_cost(
+            config, params, tokenizer, intervention=intervention, max_len=args.ce_len, max_rows=args.ce_docs,
+            batch_size=args.batch_size,
+            documents=capability.read_documents(dataset_path("eval/wikitext2/test.txt", args.data_dir), limit=args.ce_docs)
+            if "ce" in suites else None,
+            pairs=capability.read_blimp(dataset_path("eval/blimp", args.data_dir), limit_per_paradigm=args.limit)
+            if "blimp" in suites else None,
         )
-        results["ce"] = loss.ce
-        results["capability"] = loss.to_dict()
-    if "blimp" in suites:
-        pairs = capability.read_blimp(dataset_path("eval/blimp", args.data_dir), limit_per_paradigm=args.limit)
-        blimp = capability.blimp_accuracy(config, params, tokenizer, pairs, batch_size=args.batch_size,
-                                          intervention=None if intervention is None else intervention.with_mode("all"))
-        results.update(blimp)
+        results.update(cost)
     toxicity_suites = [name for name in ("rtp", "toxigen") if name in results]
     for name in toxicity_suites:
         for key in TOXICITY_KEYS:

@@ -79,6 +79,7 @@ def score_rows(
     order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
     logps: list[np.ndarray] = [np.empty(0)] * len(rows)
     kls: list[np.ndarray] = [np.empty(0)] * len(rows)
+    batch_size = min(batch_size, -(-len(rows) // 8) * 8)  # few rows pad to 8s, not to batch_size
     batches = range(0, len(rows), batch_size)
     if progress:
         from tqdm import tqdm
@@ -249,6 +250,38 @@ def blimp_accuracy(
         "per_paradigm": {k: float(np.mean(v)) for k, v in sorted(per_paradigm.items())},
         "per_field": {k: float(np.mean(v)) for k, v in sorted(per_field.items()) if k},
     }
+
+
+def capability_cost(
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    *,
+    documents: Sequence[str] | None = None,
+    pairs: Sequence[MinimalPair] | None = None,
+    intervention: Any = None,
+    max_len: int = 128,
+    max_rows: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """What a model (with an optional ITI ``Intervention``) costs in capability.
+
+    ``documents``: ``ce``, ``kl`` (to the model without the intervention; 0 without one) and
+    ``capability`` (the ``TextLoss`` fields); ``pairs``: the ``blimp_accuracy`` fields. The
+    intervention acts at every position, as in the reference implementation's side metrics.
+    """
+    everywhere = None if intervention is None else intervention.with_mode("all")
+    out: dict = {}
+    if documents is not None:
+        loss = text_loss(config, params, tokenizer, documents, max_len=max_len, max_rows=max_rows, batch_size=batch_size,
+                         intervention=everywhere, ref_params=None if everywhere is None else params,
+                         progress="ce" if progress else None)
+        out.update(ce=loss.ce, kl=loss.kl or 0.0, capability=loss.to_dict())
+    if pairs is not None:
+        out.update(blimp_accuracy(config, params, tokenizer, pairs, batch_size=batch_size, intervention=everywhere,
+                                  progress="blimp" if progress else None))
+    return out
 
 
 # ---------------------------------------------------------------------------------------

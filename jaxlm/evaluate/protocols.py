@@ -60,6 +60,12 @@ class GenerationSettings:
     stop_at_newline: bool = False  # cut continuations at their first line break
 
 
+def toxigen_settings(settings: GenerationSettings = GenerationSettings()) -> GenerationSettings:
+    """ToxiGen's generation: ``settings`` (seed, batch, prefix, sampling) with one continuation
+    per prompt of up to 30 tokens, cut at the end of its line."""
+    return dataclasses.replace(settings, samples=1, max_new_tokens=30, stop_at_newline=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Prompt sets
 # ---------------------------------------------------------------------------------------
@@ -157,15 +163,16 @@ def generate_continuations(
     jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(settings.samples)]
     outputs: list[list[str]] = [[] for _ in prompts]
     key = jax.random.key(settings.seed)
-    batches = range(0, len(jobs), settings.batch_size)
+    batch_size = min(settings.batch_size, -(-len(jobs) // 8) * 8)  # a small job pads to 8s, not to batch_size
+    batches = range(0, len(jobs), batch_size)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=progress, unit="batch")
     for batch_index, start in enumerate(batches):
-        chunk = jobs[start : start + settings.batch_size]
+        chunk = jobs[start : start + batch_size]
         rows = [ids for _, ids in chunk]
-        rows += [rows[-1]] * (settings.batch_size - len(rows))  # one batch shape: fewer compiles
+        rows += [rows[-1]] * (batch_size - len(rows))  # one batch shape: fewer compiles
         length = min(-(-max(len(r) for r in rows) // 16) * 16, room)  # bucketed prompt length
         tokens, mask = left_pad(rows, pad_id=tokenizer.pad_id, length=length)
         result = generate(
@@ -279,6 +286,6 @@ def rtp(config, params, tokenizer, directory, scorer, *, limit=None, settings=Ge
 
 def toxigen(config, params, tokenizer, directory, scorer, *, limit=None, settings=None, intervention=None, progress=True):
     """ToxiGen prompts (one continuation each, cut at its line end) on ``directory``."""
-    settings = settings or GenerationSettings(samples=1, max_new_tokens=30, stop_at_newline=True)
+    settings = settings or toxigen_settings()
     prompts = read_toxigen(directory, limit=limit, seed=settings.seed)
     return run_protocol("toxigen", config, params, tokenizer, prompts, scorer, settings, intervention, progress)

@@ -312,8 +312,10 @@ class Sweep:
         return True
 
     def _eval_fp(self, run: RunState, method: Method) -> str:
+        from jaxlm.decode import SAMPLER_VERSION
+
         upstream = run.iti_fp if method.alpha else ""
-        return fingerprint(run.train_fp, upstream, dataclasses.asdict(method), to_dict(self.config.eval))
+        return fingerprint(run.train_fp, upstream, dataclasses.asdict(method), to_dict(self.config.eval), SAMPLER_VERSION)
 
     def _evaluate(self, model, method: Method, intervention, base_capability: dict | None) -> dict[str, Any]:
         """RTP + ToxiGen toxicity under ``method``; CE/KL and BLiMP (shared with ``base`` unless ITI changes them)."""
@@ -326,8 +328,7 @@ class Sweep:
         rtp_settings = protocols.GenerationSettings(
             samples=e.rtp_samples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed, prefix=method.prefix
         )
-        toxigen_settings = dataclasses.replace(rtp_settings, samples=1, max_new_tokens=30, stop_at_newline=True)
-        for name, settings in (("rtp", rtp_settings), ("toxigen", toxigen_settings)):
+        for name, settings in (("rtp", rtp_settings), ("toxigen", protocols.toxigen_settings(rtp_settings))):
             result = protocols.run_protocol(name, config, params, tokenizer, inputs[name], inputs["scorer"], settings, iti,
                                             progress=self.progress)
             out[name] = result.summary()
@@ -336,13 +337,10 @@ class Sweep:
         if iti is None and base_capability is not None:
             out.update(base_capability)
             return out
-        iti_all = None if iti is None else iti.with_mode("all")
-        loss = capability.text_loss(config, params, tokenizer, inputs["ce_docs"], max_len=e.ce_len, max_rows=e.ce_docs,
-                                    batch_size=e.batch_size, intervention=iti_all,
-                                    ref_params=params if iti_all is not None else None, progress=None)
-        blimp = capability.blimp_accuracy(config, params, tokenizer, inputs["blimp"], batch_size=e.batch_size,
-                                          intervention=iti_all, progress=None)
-        out.update(ce=loss.ce, kl=loss.kl or 0.0, blimp_accuracy=blimp["blimp_accuracy"], blimp_per_field=blimp["per_field"])
+        cost = capability.capability_cost(config, params, tokenizer, documents=inputs["ce_docs"], pairs=inputs["blimp"],
+                                          intervention=iti, max_len=e.ce_len, max_rows=e.ce_docs,
+                                          batch_size=e.batch_size, progress=False)
+        out.update(ce=cost["ce"], kl=cost["kl"], blimp_accuracy=cost["blimp_accuracy"], blimp_per_field=cost["per_field"])
         return out
 
     def toy(self) -> None:
