@@ -1,6 +1,7 @@
 """The study sweep: the plan it implies, config errors, and a tiny end-to-end sweep that resumes."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -165,6 +166,15 @@ def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_
     again = eval_files(tiny_sweep)
     changed = [k for k in after if again[k] != after[k]]
     assert changed == ["out/runs/clean-seed0/eval/iti-weak.json"]
+    # a fresh copy of the corpora (new mtimes): prepare rebuilds the same tokens, no run is redone
+    manifest = tiny_sweep / "prepared" / "manifest.json"
+    built = manifest.read_text()
+    for path in crafted_data_dir.rglob("*"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    run_sweep(tiny_sweep, monkeypatch, crafted_data_dir, "eval.rtp_samples=1")
+    assert manifest.read_text() != built  # rebuilt (new input fingerprints and build time)
+    assert eval_files(tiny_sweep) == again
+    assert {r.name: (out / "runs" / r.name / "train.done.json").read_text() for r in runs} == trained
 
 
 def test_sweep_reports_missing_stages_and_data(tiny_sweep, crafted_data_dir, monkeypatch, tmp_path):

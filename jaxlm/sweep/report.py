@@ -59,12 +59,26 @@ def load_probe_accuracy(out: Path, runs: Sequence[RunSpec]) -> dict[str, np.ndar
 
 
 def load_train_results(out: Path, runs: Sequence[RunSpec]) -> dict[str, dict]:
+    """Each finished run's training marker, with ``step_seconds`` from its metrics log."""
     results = {}
     for run in runs:
         marker = out / "runs" / run.name / "train.done.json"
         if marker.exists():
             results[run.name] = json.loads(marker.read_text())
+            results[run.name]["step_seconds"] = logged_step_seconds(out / "runs" / run.name / "train" / "metrics.jsonl")
     return results
+
+
+def logged_step_seconds(metrics: Path) -> float:
+    """Seconds spent in training steps per the metrics log (tokens of each logged interval over its
+    throughput): every step counts once however often the run was resumed or re-marked."""
+    seconds, seen, last_step = 0.0, 0, 0
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    for row in map(json.loads, lines):
+        if row.get("step", 0) > last_step and row.get("tokens_per_sec") and "tokens_seen" in row:
+            seconds += (row["tokens_seen"] - seen) / row["tokens_per_sec"]
+            seen, last_step = row["tokens_seen"], row["step"]
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,10 +489,10 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
     }
     for name, draw in figures.items():
         draw(target / name)
-    train_seconds = sum(t.get("seconds", 0.0) for t in trained.values())
+    train_seconds = sum(t["step_seconds"] for t in trained.values())
     lines = [
         f"# Study report: {config.name}", "",
-        f"{len(runs)} pretraining runs ({len(trained)} finished; {train_seconds / 60:.1f} min of training), "
+        f"{len(runs)} pretraining runs ({len(trained)} finished; {train_seconds / 60:.1f} min of training steps), "
         f"{len(rows)} model x method evaluations. Shares {', '.join(f'{s:.0%}' for s in config.shares)}; "
         f"seeds {', '.join(map(str, config.seeds))}; designs {', '.join(config.designs)}; "
         f"template {config.train.get('steps')} steps (clean-token budget of the `added` design).", "",
@@ -501,6 +515,6 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
     (target / "report.md").write_text("\n".join(lines))
     summary = {"claims": claims, "rows": [{k: v for k, v in r.items() if not k.endswith("_prompt_max")} for r in rows],
                "probe_accuracy": {k: {"mean": float(v.mean()), "max": float(v.max())} for k, v in probe_acc.items()},
-               "training": {k: {"seconds": v.get("seconds"), "final": v.get("final")} for k, v in trained.items()}}
+               "training": {k: {"step_seconds": v["step_seconds"], "final": v.get("final")} for k, v in trained.items()}}
     (target / "report.json").write_text(json.dumps(summary, indent=1, default=float))
     return target / "report.md"

@@ -47,6 +47,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def data_fingerprint(manifest: dict) -> str:
+    """What decides a prepared dataset's tokens: the tokenizer and each source's counts and drops;
+    not when, how fast or from which file mtimes it was built (a rebuild of the same data keeps
+    the sweep's runs)."""
+    content = ("vocab_size", "token_dtype", "num_documents", "num_tokens", "characters", "text_bytes", "shards",
+               "toxicity", "dropped")
+    sources = {name: {k: source.get(k) for k in content} for name, source in sorted(manifest["sources"].items())}
+    return fingerprint(manifest["tokenizer_sha256"], sources)
+
+
 def _marker(output: Path) -> Path:
     return output.parent / (output.name + ".done.json")
 
@@ -162,7 +172,7 @@ class Sweep:
         if not manifest.exists():
             raise FileNotFoundError(f"{manifest}: the dataset is not prepared (run the prepare stage)")
         self.dataset = target.resolve()
-        self.data_fp = fingerprint(manifest.read_text())
+        self.data_fp = data_fingerprint(json.loads(manifest.read_text()))
 
     def fingerprint_runs(self) -> None:
         """Each run's train / probe / ITI fingerprints (cheap; every stage needs its inputs')."""
