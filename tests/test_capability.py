@@ -145,9 +145,15 @@ def test_calibrated_alpha_hits_its_kl_budget(params):
     shape = (config.n_layers, config.n_heads)
     directions = np.random.default_rng(0).normal(size=(*shape, config.resolved_head_dim)).astype(np.float32)
     intervention = Intervention.create(directions, np.ones(shape), np.ones(shape), 0.0, "last")
+    docs = ["the river ran past old stone houses while children read books " * n for n in (1, 3, 2, 1, 4)]
+    kls = kl_curve(config, params, tokenizer, docs, intervention, max_len=32, max_rows=9, batch_size=4)
+    assert kls[0] >= 0 and kls[-1] > kls[0]
+    for i in (0, 8, 16):  # one program for every alpha measures what text_loss measures at that alpha
+        kl = text_loss(config, params, tokenizer, docs, max_len=32, max_rows=9, ref_params=params, batch_size=4,
+                       intervention=intervention.with_mode("all").with_alpha(ALPHA_GRID[i]), progress=None).kl
+        np.testing.assert_allclose(kls[i], kl, rtol=1e-4, atol=1e-7)
     docs = ["the river ran past old stone houses while children read books"] * 8
     kls = kl_curve(config, params, tokenizer, docs, intervention, max_len=32, max_rows=8)
-    assert kls[0] >= 0 and kls[-1] > kls[0]
     alpha = alpha_for_kl(ALPHA_GRID, kls, float(np.sqrt(kls[3] * kls[4])))
     kl = text_loss(config, params, tokenizer, docs, max_len=32, max_rows=8, ref_params=params,
                    intervention=intervention.with_mode("all").with_alpha(alpha), progress=None).kl

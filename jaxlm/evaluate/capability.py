@@ -291,6 +291,22 @@ def capability_cost(
 ALPHA_GRID = tuple(float(a) for a in np.geomspace(0.25, 64.0, 17))
 
 
+@partial(jax.jit, static_argnums=0)
+def _kl_per_alpha(config: ModelConfig, params: Params, tokens, segment_ids, intervention, alphas):
+    """[A, B, T-1] KL(model || model with ``intervention`` at strength ``alphas[a]``) per position;
+    the reference forward runs once for all strengths."""
+    ref_logp = jax.nn.log_softmax(model_lib.forward(config, params, tokens, segment_ids=segment_ids).logits[:, :-1], axis=-1)
+    ref_p = jnp.exp(ref_logp)
+    position_mask = segment_ids != 0
+
+    def kl_at(alpha):
+        head = intervention.with_alpha(alpha).as_head_intervention(position_mask)
+        logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=head).logits[:, :-1]
+        return jnp.sum(ref_p * (ref_logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
+
+    return jax.lax.map(kl_at, alphas)
+
+
 def kl_curve(
     config: ModelConfig,
     params: Params,
@@ -304,13 +320,22 @@ def kl_curve(
     batch_size: int = 16,
 ) -> np.ndarray:
     """Mean KL(model || model with the intervention at strength alpha) per token, for each alpha
-    (the intervention at every position; one compiled program, alpha is an argument)."""
+    (the intervention at every position, as ``text_loss`` measures it; one compiled program)."""
     everywhere = intervention.with_mode("all")
-    return np.asarray([
-        text_loss(config, params, tokenizer, documents, max_len=max_len, max_rows=max_rows, batch_size=batch_size,
-                  intervention=everywhere.with_alpha(a), ref_params=params, progress=None).kl
-        for a in alphas
-    ])
+    rows = [r for r in window_rows(tokenizer.encode_batch(list(documents)), max_len, tokenizer.eos_id, max_rows) if len(r) >= 2]
+    if not rows:
+        raise ValueError("no text to score: the documents are empty after tokenization")
+    batch_size = min(batch_size, -(-len(rows) // 8) * 8)
+    total, count = np.zeros(len(alphas)), 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        tokens, segments = _pad_rows(chunk + [chunk[0]] * (batch_size - len(chunk)), 32, tokenizer.pad_id)
+        kl = np.asarray(_kl_per_alpha(config, params, tokens, segments, everywhere, jnp.asarray(alphas, jnp.float32)))
+        scored = segments[:, 1:] != 0  # positions with a next token
+        scored[len(chunk):] = False  # the copies that fill the batch
+        total += kl[:, scored].sum(axis=1)
+        count += int(scored.sum())
+    return total / count
 
 
 def alpha_for_kl(alphas: Sequence[float], kls: Sequence[float], target: float) -> float:
