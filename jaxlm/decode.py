@@ -197,7 +197,7 @@ def sample_tokens(logits: Array, rng: Array, settings: SamplingSettings) -> Arra
         values, ids = jax.lax.top_k(values, min(settings.top_k, values.shape[-1]))
     if settings.top_p < 1.0:
         values = jnp.where(nucleus_mask(jax.nn.softmax(values, axis=-1), settings.top_p), values, -jnp.inf)
-    # Gumbel-max: the same draw as jax.random.categorical, ~5x faster on a CPU at V = 8192.
+    # Gumbel-max: distributed as jax.random.categorical draws, 3-5x faster on a CPU at V = 8192.
     choice = jnp.argmax(values + jax.random.gumbel(rng, values.shape, jnp.float32), axis=-1)
     if ids is not None:
         choice = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]

@@ -209,15 +209,15 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
                 "evidence": f"per-prompt max toxicity, ITI minus no intervention: {_fmt_test(t)}",
                 "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
             })
-    # 2. capability barely moves with the toxic share
-    if top_share is not None:
+    # 2. capability barely moves with the toxic share (in each design: `added` also trains longer)
+    for d in config.designs if top_share is not None else ():
         clean_ce = group_mean(rows, "ce", method="base", **run_filter(0.0))
-        top_ce = group_mean(rows, "ce", method="base", **run_filter(top_share))
+        top_ce = group_mean(rows, "ce", method="base", **run_filter(top_share, d))
         if clean_ce and top_ce:
             change = (top_ce[0] - clean_ce[0]) / clean_ce[0]
             claims.append({
-                "claim": "Capability barely moves with the toxic share (WikiText-2 CE)",
-                "evidence": f"CE {clean_ce[0]:.3f} (clean) vs {top_ce[0]:.3f} ({top_share:.0%} toxic, {design}): "
+                "claim": f"Capability barely moves with the toxic share ({d} design, WikiText-2 CE)",
+                "evidence": f"CE {clean_ce[0]:.3f} (clean) vs {top_ce[0]:.3f} ({top_share:.0%} toxic): "
                             f"{change:+.1%} (criterion: within 2%)",
                 "verdict": "reproduced" if abs(change) <= 0.02 else "not reproduced",
             })
