@@ -382,6 +382,26 @@ def test_tags_are_prepended_by_score_bucket(tmp_path):
         strict.prefix({"doc_id": "x"}, "a")
 
 
+def test_tags_repeat_every_n_tokens_of_a_long_document(tmp_path):
+    prefix, ids = np.array([200, 201]), np.arange(10)
+    once = TagTransform((0.5,), ((200, 201), (202,)))
+    assert once.apply(ids, prefix).tolist() == [200, 201, *range(10)]
+    every4 = TagTransform((0.5,), ((200, 201), (202,)), every=4)
+    assert every4.apply(ids, prefix).tolist() == [200, 201, 0, 1, 2, 3, 200, 201, 4, 5, 6, 7, 200, 201, 8, 9]
+    assert every4.apply(ids[:3], prefix).tolist() == [200, 201, 0, 1, 2]  # a short document: one tag
+    assert every4.apply(ids[:0], prefix).tolist() == [200, 201]
+
+    root = make_dataset(tmp_path / "d", {"a": [9, 7, 12, 5]})
+    tag = TagTransform((2.0,), ((200,), (201,)), every=3)  # every score is below 2: one bucket
+    pipeline = build_pipeline(config(root, {"a": 1.0}, batch_size=2), tag_transform=tag)
+    flat = np.concatenate(rows_by_source(take(pipeline, 6), pipeline.source_names)["a"])
+    for doc in np.split(flat, np.flatnonzero(flat == EOS) + 1)[1:-1]:  # whole documents only
+        body = doc[:-1]
+        assert body[::4].tolist() == [200] * len(body[::4]) and (body[np.arange(body.size) % 4 != 0] < 200).all()
+    with pytest.raises(ConfigError, match="data.tags.every"):
+        TagConfig(kind="meda", every=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Multi-host sharding and device placement
 # ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def sweep_config(**changes) -> SweepConfig:
 
 
 def test_plan_designs_keep_clean_tokens_or_total_fixed():
-    config = sweep_config(shares=[0.0, 0.1, 0.25], seeds=[0, 1], tagged=[{"kind": "inst", "share": 0.1}],
+    config = sweep_config(shares=[0.0, 0.1, 0.25], seeds=[0, 1], tagged=[{"kind": "inst", "share": 0.1, "every": 400}],
                           train={**TEMPLATE, "steps": 1000})
     order = [r.name for r in plan_runs(config)]
     # the main design across seeds first, then the tagged baselines, then the other design
@@ -46,7 +46,8 @@ def test_plan_designs_keep_clean_tokens_or_total_fixed():
             assert abs(run.steps * (1 - run.share) - 1000) <= 0.5
     cfg = train_config(config, runs["added-tox10-seed1"], "/data")
     assert cfg.data.sources == {"clean": 0.9, "toxic": 0.1} and cfg.seed == 1 and cfg.data.seed == 1
-    assert train_config(config, runs["inst-tox10-seed0"], "/data").data.tags.kind == "inst"
+    tags = train_config(config, runs["inst-tox10-seed0"], "/data").data.tags
+    assert tags.kind == "inst" and tags.every == 400
     methods = [m.name for m in methods_for(config, runs["clean-seed0"])]
     assert methods == ["base", "prompting", "iti-weak", "iti-mid", "iti-strong"]
     tagged = methods_for(config, runs["inst-tox10-seed0"])
@@ -175,6 +176,14 @@ def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_
     assert manifest.read_text() != built  # rebuilt (new input fingerprints and build time)
     assert eval_files(tiny_sweep) == again
     assert {r.name: (out / "runs" / r.name / "train.done.json").read_text() for r in runs} == trained
+    # a changed training setting retrains that run from scratch (not from its old checkpoint)
+    _, _, log = run_sweep(tiny_sweep, monkeypatch, crafted_data_dir, "eval.rtp_samples=1",
+                          "tagged=[{kind: meda, share: 0.25, every: 8}]")
+    assert "meda-tox25-seed0: its settings changed since it was trained: training afresh" in log
+    retrained = [json.loads(line) for line in (out / "runs" / "meda-tox25-seed0" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert retrained[0]["step"] < retrained[-1]["step"] == 16  # every step ran again
+    assert {r.name: (out / "runs" / r.name / "train.done.json").read_text() for r in runs[:2]} == {
+        r.name: trained[r.name] for r in runs[:2]}
 
 
 def test_sweep_reports_missing_stages_and_data(tiny_sweep, crafted_data_dir, monkeypatch, tmp_path):

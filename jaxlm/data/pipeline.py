@@ -96,6 +96,10 @@ class TagConfig:
     default "The following text is toxic:" above 0.5, "... is not toxic:" below. The
     tag text is encoded with the dataset's tokenizer and prepended to the document.
     ``texts`` overrides the defaults (one per bucket: ``len(bucket_edges) + 1``).
+    ``every``: repeat the tag before each ``every`` tokens of a longer document. With one tag
+    per document, a corpus of long documents (books, ~100k tokens each) mixed with one of
+    short ones (posts) carries nearly all its tags on the short documents, so the tag marks
+    the source more than the toxicity; C4's ~400-token documents are the reference scale.
     """
 
     kind: Literal["meda", "inst"] = "meda"
@@ -103,6 +107,7 @@ class TagConfig:
     texts: tuple[str, ...] | None = None
     sources: tuple[str, ...] | None = None  # None: every source
     missing: Literal["error", "untagged"] = "error"  # documents without a toxicity score
+    every: int | None = None  # None: one tag per document
 
     def resolved_edges(self) -> tuple[float, ...]:
         if self.bucket_edges is not None:
@@ -123,6 +128,8 @@ class TagConfig:
         edges = self.resolved_edges()
         if any(not math.isfinite(e) for e in edges) or list(edges) != sorted(set(edges)):
             raise ConfigError(f"data.tags.bucket_edges: expected strictly increasing finite numbers, got {list(edges)}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
+            raise ConfigError(f"data.tags.every: expected a positive number of tokens (or null), got {self.every!r}")
         if self.texts is not None and len(self.texts) != len(edges) + 1:
             raise ConfigError(
                 f"data.tags.texts: expected {len(edges) + 1} texts (one per bucket of edges {list(edges)}), "
@@ -298,6 +305,7 @@ class TagTransform:
     tag_ids: tuple[tuple[int, ...], ...]
     sources: frozenset[str] | None = None
     missing: Literal["error", "untagged"] = "error"
+    every: int | None = None  # repeat the tag before each ``every`` tokens (None: once)
 
     def __post_init__(self) -> None:
         if len(self.tag_ids) != len(self.bucket_edges) + 1:
@@ -311,7 +319,7 @@ class TagTransform:
     def from_config(cls, config: TagConfig, tokenizer) -> "TagTransform":
         ids = tuple(tuple(tokenizer.encode(text)) for text in config.resolved_texts())
         sources = frozenset(config.sources) if config.sources is not None else None
-        return cls(config.resolved_edges(), ids, sources, config.missing)
+        return cls(config.resolved_edges(), ids, sources, config.missing, config.every)
 
     def applies_to(self, source: str) -> bool:
         return self.sources is None or source in self.sources
@@ -331,9 +339,15 @@ class TagTransform:
             )
         return self._arrays[self.bucket(float(score))]
 
+    def apply(self, ids: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """``prefix + ids``, or with ``every``: the prefix before each ``every``-token piece."""
+        every = self.every or max(ids.size, 1)
+        pieces = [part for start in range(0, max(ids.size, 1), every) for part in (prefix, ids[start : start + every])]
+        return np.concatenate(pieces).astype(np.int32)
+
 
 class _DocumentToFeatures:
-    """Record bytes -> ``{"tokens": int32[tag + document + EOS]}``."""
+    """Record bytes -> ``{"tokens": int32[tag + document + EOS]}`` (tags repeated per ``every``)."""
 
     def __init__(self, source: str, eos_id: int, tag: TagTransform | None):
         self.source = source
@@ -342,15 +356,12 @@ class _DocumentToFeatures:
 
     def __call__(self, record: bytes) -> dict[str, np.ndarray]:
         if self.tag is None:
-            ids, prefix = records.decode_tokens(record), None
+            ids = records.decode_tokens(record)
         else:
             ids, meta = records.decode_record(record)
-            prefix = self.tag.prefix(meta, self.source)
-        start = 0 if prefix is None else prefix.size
-        out = np.empty(start + ids.size + 1, np.int32)
-        if start:
-            out[:start] = prefix
-        out[start:-1] = ids
+            ids = self.tag.apply(ids, self.tag.prefix(meta, self.source))
+        out = np.empty(ids.size + 1, np.int32)
+        out[:-1] = ids
         out[-1] = self.eos_id
         return {"tokens": out}
 

@@ -21,13 +21,15 @@ class TaggedPretraining:
     """A MEDA/INST baseline: pretrained with toxicity tags, conditioned on "non-toxic" at inference.
 
     ``condition``: the prompt prefix used at inference (default: the tag of the least
-    toxic bucket, e.g. ``<|toxicity:0.0|>`` for MEDA).
+    toxic bucket, e.g. ``<|toxicity:0.0|>`` for MEDA). ``every``: repeat the tag before each
+    ``every`` tokens of long documents (``data.tags.every``; None: once per document).
     """
 
     kind: Literal["meda", "inst"]
     share: float = 0.1
     design: Literal["added", "fixed_total"] = "added"
     condition: str | None = None
+    every: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share < 1.0:

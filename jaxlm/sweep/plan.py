@@ -84,6 +84,8 @@ def train_config_dict(config: SweepConfig, run: RunSpec, dataset: str) -> dict[s
     pipeline["seed"] = run.seed
     if run.tagged is not None:
         pipeline["tags"] = {"kind": run.tagged.kind}
+        if run.tagged.every is not None:
+            pipeline["tags"]["every"] = run.tagged.every
     return data
 
 

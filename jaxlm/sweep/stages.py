@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -199,6 +200,7 @@ class Sweep:
         if is_done(run.train_dir, run.train_fp):
             return False
         self.echo(label)
+        self._discard_stale_training(run)
         cfg = train_config(self.config, run.spec, str(self.dataset))
         started = time.perf_counter()
         result = train(cfg, run.train_dir, show_progress=self.progress)
@@ -206,6 +208,18 @@ class Sweep:
             raise SweepInterrupted(f"{run.spec.name}: stopped by {result.stopped_by} at step {result.step}; rerun to continue")
         mark_done(run.train_dir, run.train_fp, seconds=round(time.perf_counter() - started, 1), final=result.last_metrics)
         return True
+
+    def _discard_stale_training(self, run: RunState) -> None:
+        """A training directory whose checkpoints were written under other settings is removed
+        (resuming it would skip or mix the new training); one with the current settings, or a
+        run killed before this record existed with no finished marker, resumes."""
+        started = run.root / "train.started.json"
+        previous = json.loads(started.read_text())["fingerprint"] if started.exists() else None
+        stale = previous != run.train_fp if previous is not None else _marker(run.train_dir).exists()
+        if stale and run.train_dir.exists():
+            self.echo(f"{run.spec.name}: its settings changed since it was trained: training afresh")
+            shutil.rmtree(run.train_dir)
+        write_json(started, {"fingerprint": run.train_fp})
 
     @functools.cached_property
     def labelled(self):
