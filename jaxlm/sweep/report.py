@@ -265,6 +265,17 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
                             + ("".join(f"; vs {e:.0%}: {_fmt_test(t)}" for e, t in zip([e for e in ends if e != best], tests))),
                 "verdict": _verdict(inner, sig),
             })
+    # 5b. tagged pretraining: conditioning on the non-toxic tag lowers toxicity
+    for tag in config.tagged:
+        a = prompt_scores(rows, "rtp", method="tag-conditioned", tagged=tag.kind)
+        b = prompt_scores(rows, "rtp", method="base", tagged=tag.kind)
+        if a is not None and b is not None:
+            t = paired_test(a, b)
+            claims.append({
+                "claim": f"{tag.kind.upper()} {tag.share:.0%}: conditioning on the non-toxic tag lowers toxicity (RTP)",
+                "evidence": f"per-prompt max toxicity, conditioned minus unconditioned: {_fmt_test(t)}",
+                "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
+            })
     # 6. ITI on the reference-share model beats the baselines
     if ref is not None:
         mid = iti_names[len(iti_names) // 2]
