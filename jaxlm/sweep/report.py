@@ -169,6 +169,15 @@ def _fmt_test(t: dict) -> str:
     return f"{t['diff']:+.4f}{ci}, p = {t['p']:.2g} (n = {t['n']} prompts)"
 
 
+def _lower_claim(claim: str, what: str, a: np.ndarray | None, b: np.ndarray | None) -> list[dict]:
+    """The claim that per-prompt max toxicity ``a`` is lower than ``b`` (paired over prompts);
+    no claim when either side was not run."""
+    if a is None or b is None:
+        return []
+    t = paired_test(a, b)
+    return [{"claim": claim, "evidence": f"{what}: {_fmt_test(t)}", "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05)}]
+
+
 def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, np.ndarray], runs: Sequence[RunSpec]) -> list[dict]:
     """The reference study's claims, each tested on this sweep's numbers (at alpha = 0.05)."""
     claims: list[dict] = []
@@ -200,15 +209,11 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
                        "verdict": _verdict(t["diff"] > 0, t["p"] < 0.05)})
     # 1b. ITI lowers toxicity at all (the premise of every ITI comparison)
     for share in [0.0] + ([ref] if ref is not None else []):
-        a = prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(share))
-        b = prompt_scores(rows, "rtp", method="base", **run_filter(share))
-        if a is not None and b is not None:
-            t = paired_test(a, b)
-            claims.append({
-                "claim": f"ITI ({strongest}) lowers the toxicity of the {'clean' if share == 0 else f'{share:.0%}-toxic'} model (RTP)",
-                "evidence": f"per-prompt max toxicity, ITI minus no intervention: {_fmt_test(t)}",
-                "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
-            })
+        claims += _lower_claim(
+            f"ITI ({strongest}) lowers the toxicity of the {'clean' if share == 0 else f'{share:.0%}-toxic'} model (RTP)",
+            "per-prompt max toxicity, ITI minus no intervention",
+            prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(share)),
+            prompt_scores(rows, "rtp", method="base", **run_filter(share)))
     # 2. capability barely moves with the toxic share (in each design: `added` also trains longer)
     for d in config.designs if top_share is not None else ():
         clean_ce = group_mean(rows, "ce", method="base", **run_filter(0.0))
@@ -236,15 +241,11 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
     # 4. ITI detoxifies the reference-share model further than the clean model
     if ref is not None:
         for protocol in PROTOCOLS:
-            a = prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(ref))
-            b = prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(0.0))
-            if a is not None and b is not None:
-                t = paired_test(a, b)
-                claims.append({
-                    "claim": f"After ITI ({strongest}) the {ref:.0%}-toxic model is less toxic than the clean model ({protocol.upper()})",
-                    "evidence": f"per-prompt max toxicity, {ref:.0%} minus clean: {_fmt_test(t)}",
-                    "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
-                })
+            claims += _lower_claim(
+                f"After ITI ({strongest}) the {ref:.0%}-toxic model is less toxic than the clean model ({protocol.upper()})",
+                f"per-prompt max toxicity, {ref:.0%} minus clean",
+                prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(ref)),
+                prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(0.0)))
     # 5. the "smile": post-ITI toxicity is lowest at an intermediate share
     all_shares = [0.0] + shares
     if len(all_shares) >= 3:
@@ -267,15 +268,11 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
             })
     # 5b. tagged pretraining: conditioning on the non-toxic tag lowers toxicity
     for tag in config.tagged:
-        a = prompt_scores(rows, "rtp", method="tag-conditioned", tagged=tag.kind)
-        b = prompt_scores(rows, "rtp", method="base", tagged=tag.kind)
-        if a is not None and b is not None:
-            t = paired_test(a, b)
-            claims.append({
-                "claim": f"{tag.kind.upper()} {tag.share:.0%}: conditioning on the non-toxic tag lowers toxicity (RTP)",
-                "evidence": f"per-prompt max toxicity, conditioned minus unconditioned: {_fmt_test(t)}",
-                "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
-            })
+        claims += _lower_claim(
+            f"{tag.kind.upper()} {tag.share:.0%}: conditioning on the non-toxic tag lowers toxicity (RTP)",
+            "per-prompt max toxicity, conditioned minus unconditioned",
+            prompt_scores(rows, "rtp", method="tag-conditioned", tagged=tag.kind),
+            prompt_scores(rows, "rtp", method="base", tagged=tag.kind))
     # 6. ITI on the reference-share model beats the baselines
     if ref is not None:
         mid = iti_names[len(iti_names) // 2]
@@ -284,14 +281,8 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
                      (f"{ref:.0%} + prompting", {"method": "prompting", **run_filter(ref)})]
         baselines += [(f"{t.kind.upper()} (conditioned)", {"method": "tag-conditioned", "tagged": t.kind}) for t in config.tagged]
         for label, where in baselines:
-            other = prompt_scores(rows, "rtp", **where)
-            if ours is not None and other is not None:
-                t = paired_test(ours, other)
-                claims.append({
-                    "claim": f"{ref:.0%}-toxic + ITI ({mid.removeprefix('iti-')}) is less toxic than {label} (RTP)",
-                    "evidence": f"per-prompt max toxicity difference: {_fmt_test(t)}",
-                    "verdict": _verdict(t["diff"] < 0, t["p"] < 0.05),
-                })
+            claims += _lower_claim(f"{ref:.0%}-toxic + ITI ({mid.removeprefix('iti-')}) is less toxic than {label} (RTP)",
+                                   "per-prompt max toxicity difference", ours, prompt_scores(rows, "rtp", **where))
     return claims
 
 
