@@ -130,6 +130,12 @@ def left_pad(
     return tokens, mask
 
 
+def padded_batch_size(n_rows: int, batch_size: int) -> int:
+    """The batch shape for ``n_rows`` rows in batches of ``batch_size``: a job smaller than one
+    batch is padded to a multiple of 8 rows, not to ``batch_size`` (one shape per job size)."""
+    return min(batch_size, -(-n_rows // 8) * 8)
+
+
 def _prompt_mask(tokens: Array, prompt_mask: Array | None, prompt_lengths: Array | None) -> Array:
     b, p = tokens.shape
     if prompt_mask is not None and prompt_lengths is not None:

@@ -384,12 +384,16 @@ def test_tags_are_prepended_by_score_bucket(tmp_path):
 
 def test_tags_repeat_every_n_tokens_of_a_long_document(tmp_path):
     prefix, ids = np.array([200, 201]), np.arange(10)
+
+    def tagged(transform, ids):
+        return np.concatenate(transform.pieces(ids, prefix)).tolist()
+
     once = TagTransform((0.5,), ((200, 201), (202,)))
-    assert once.apply(ids, prefix).tolist() == [200, 201, *range(10)]
+    assert tagged(once, ids) == [200, 201, *range(10)]
     every4 = TagTransform((0.5,), ((200, 201), (202,)), every=4)
-    assert every4.apply(ids, prefix).tolist() == [200, 201, 0, 1, 2, 3, 200, 201, 4, 5, 6, 7, 200, 201, 8, 9]
-    assert every4.apply(ids[:3], prefix).tolist() == [200, 201, 0, 1, 2]  # a short document: one tag
-    assert every4.apply(ids[:0], prefix).tolist() == [200, 201]
+    assert tagged(every4, ids) == [200, 201, 0, 1, 2, 3, 200, 201, 4, 5, 6, 7, 200, 201, 8, 9]
+    assert tagged(every4, ids[:3]) == [200, 201, 0, 1, 2]  # a short document: one tag
+    assert tagged(every4, ids[:0]) == [200, 201]
 
     root = make_dataset(tmp_path / "d", {"a": [9, 7, 12, 5]})
     tag = TagTransform((2.0,), ((200,), (201,)), every=3)  # every score is below 2: one bucket

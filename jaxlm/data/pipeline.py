@@ -339,11 +339,11 @@ class TagTransform:
             )
         return self._arrays[self.bucket(float(score))]
 
-    def apply(self, ids: np.ndarray, prefix: np.ndarray) -> np.ndarray:
-        """``prefix + ids``, or with ``every``: the prefix before each ``every``-token piece."""
-        every = self.every or max(ids.size, 1)
-        pieces = [part for start in range(0, max(ids.size, 1), every) for part in (prefix, ids[start : start + every])]
-        return np.concatenate(pieces).astype(np.int32)
+    def pieces(self, ids: np.ndarray, prefix: np.ndarray) -> list[np.ndarray]:
+        """``[prefix, ids]``, or with ``every``: the prefix before each ``every``-token piece."""
+        if not self.every or ids.size <= self.every:
+            return [prefix, ids]
+        return [part for start in range(0, ids.size, self.every) for part in (prefix, ids[start : start + self.every])]
 
 
 class _DocumentToFeatures:
@@ -351,19 +351,16 @@ class _DocumentToFeatures:
 
     def __init__(self, source: str, eos_id: int, tag: TagTransform | None):
         self.source = source
-        self.eos_id = eos_id
+        self.eos = np.array([eos_id], np.int32)
         self.tag = tag if tag is not None and tag.applies_to(source) else None
 
     def __call__(self, record: bytes) -> dict[str, np.ndarray]:
         if self.tag is None:
-            ids = records.decode_tokens(record)
+            pieces = [records.decode_tokens(record)]
         else:
             ids, meta = records.decode_record(record)
-            ids = self.tag.apply(ids, self.tag.prefix(meta, self.source))
-        out = np.empty(ids.size + 1, np.int32)
-        out[:-1] = ids
-        out[-1] = self.eos_id
-        return {"tokens": out}
+            pieces = self.tag.pieces(ids, self.tag.prefix(meta, self.source))
+        return {"tokens": np.concatenate([*pieces, self.eos], dtype=np.int32)}
 
 
 def stream_seed(seed: int, source: str) -> int:

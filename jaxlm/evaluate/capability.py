@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxlm import model as model_lib
 from jaxlm.config import ModelConfig
+from jaxlm.decode import padded_batch_size
 from jaxlm.data.sources import read_text
 
 Params = Any
@@ -79,7 +80,7 @@ def score_rows(
     order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
     logps: list[np.ndarray] = [np.empty(0)] * len(rows)
     kls: list[np.ndarray] = [np.empty(0)] * len(rows)
-    batch_size = min(batch_size, -(-len(rows) // 8) * 8)  # few rows pad to 8s, not to batch_size
+    batch_size = padded_batch_size(len(rows), batch_size)
     batches = range(0, len(rows), batch_size)
     if progress:
         from tqdm import tqdm
@@ -148,6 +149,18 @@ class TextLoss:
         return dataclasses.asdict(self)
 
 
+def text_rows(config: ModelConfig, tokenizer: Any, documents: Sequence[str], max_len: int | None,
+              max_rows: int | None) -> list[list[int]]:
+    """``documents`` as scoring rows of up to ``max_len`` tokens (the model's context at most),
+    each with at least one token to predict."""
+    length = min(max_len or config.max_seq_len, config.max_seq_len)
+    rows = window_rows(tokenizer.encode_batch(list(documents)), length, tokenizer.eos_id, max_rows)
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError("no text to score: the documents are empty after tokenization")
+    return rows
+
+
 def text_loss(
     config: ModelConfig,
     params: Params,
@@ -162,11 +175,7 @@ def text_loss(
     progress: str | None = "ce",
 ) -> TextLoss:
     """Cross-entropy (and KL to ``ref_params``) of the model on ``documents``."""
-    length = min(max_len or config.max_seq_len, config.max_seq_len)
-    rows = window_rows(tokenizer.encode_batch(list(documents)), length, tokenizer.eos_id, max_rows)
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        raise ValueError("no text to score: the documents are empty after tokenization")
+    rows = text_rows(config, tokenizer, documents, max_len, max_rows)
     logps, kls = score_rows(
         config, params, rows, batch_size=batch_size, pad_id=tokenizer.pad_id,
         intervention=intervention, ref_params=ref_params, progress=progress,
@@ -322,10 +331,8 @@ def kl_curve(
     """Mean KL(model || model with the intervention at strength alpha) per token, for each alpha
     (the intervention at every position, as ``text_loss`` measures it; one compiled program)."""
     everywhere = intervention.with_mode("all")
-    rows = [r for r in window_rows(tokenizer.encode_batch(list(documents)), max_len, tokenizer.eos_id, max_rows) if len(r) >= 2]
-    if not rows:
-        raise ValueError("no text to score: the documents are empty after tokenization")
-    batch_size = min(batch_size, -(-len(rows) // 8) * 8)
+    rows = text_rows(config, tokenizer, documents, max_len, max_rows)
+    batch_size = padded_batch_size(len(rows), batch_size)
     total, count = np.zeros(len(alphas)), 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -153,7 +153,7 @@ def generate_continuations(
     progress: str | None = None,
 ) -> list[list[str]]:
     """``settings.samples`` continuations (text) per prompt, in prompt order."""
-    from jaxlm.decode import generate, left_pad
+    from jaxlm.decode import generate, left_pad, padded_batch_size
 
     room = config.max_seq_len - settings.max_new_tokens
     if room < 1:
@@ -163,7 +163,7 @@ def generate_continuations(
     jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(settings.samples)]
     outputs: list[list[str]] = [[] for _ in prompts]
     key = jax.random.key(settings.seed)
-    batch_size = min(settings.batch_size, -(-len(jobs) // 8) * 8)  # a small job pads to 8s, not to batch_size
+    batch_size = padded_batch_size(len(jobs), settings.batch_size)
     batches = range(0, len(jobs), batch_size)
     if progress:
         from tqdm import tqdm
