@@ -18,10 +18,12 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from jaxlm.errors import JaxlmError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxlmError, ValueError):
     """A config file, override or field value is invalid; the message names the field."""
 
 
@@ -128,11 +130,14 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+def from_dict(cls: type[T], data: Any, where: str = "", defaults: Any = None) -> T:
     """Build dataclass ``cls`` from a mapping, validating keys and value types.
 
-    A mapping may carry ``preset: NAME`` when ``cls`` has presets (see ``PRESETS``):
-    the preset's values are the defaults, the other keys override them.
+    Missing keys take their values from ``defaults`` (an instance of ``cls``) when given, else
+    from the class; a nested section given in part merges with its field's default, so
+    ``read: {invalid_utf8: drop}`` keeps the default ``read.max_chars``. A mapping may carry
+    ``preset: NAME`` when ``cls`` has presets (see ``PRESETS``): the preset's values are then
+    the defaults, the other keys override them.
     """
     label = where or cls.__name__
     if data is None:
@@ -142,13 +147,14 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: expected a mapping of {cls.__name__} fields, got {data!r}")
     data = dict(data)
-    base: dict[str, Any] = {}
+    init_fields = [f for f in dataclasses.fields(cls) if f.init]
+    base: dict[str, Any] = {f.name: getattr(defaults, f.name) for f in init_fields} if defaults is not None else {}
     if "preset" in data and cls in PRESETS:
         name = data.pop("preset")
         presets = PRESETS[cls]
         if name not in presets:
             raise ConfigError(f"{label}.preset: unknown preset {name!r}; valid presets: {', '.join(presets)}")
-        base = {f.name: getattr(presets[name], f.name) for f in dataclasses.fields(cls) if f.init}
+        base = {f.name: getattr(presets[name], f.name) for f in init_fields}
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -157,11 +163,26 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         )
     kwargs = dict(base)
     for key, value in data.items():
-        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key)
+        field_where = f"{where}.{key}" if where else key
+        section_default = base[key] if key in base else _field_default(cls, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(section_default) and "preset" not in value:
+            kwargs[key] = from_dict(type(section_default), value, field_where, defaults=section_default)
+        else:
+            kwargs[key] = _coerce(value, types_[key], field_where)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{label}: {err}") from None
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default value of field ``name`` of dataclass ``cls`` (None when it has none)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def to_dict(config: Any) -> Any:
@@ -184,7 +205,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError(f"override {text!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    except ConfigError as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
     return path, value
@@ -212,15 +235,33 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping, with errors that name the file."""
+    """Read a YAML mapping (duplicate keys are errors), with errors that name the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {err.start}); expected a YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({err})") from None
     if data is None:
@@ -230,12 +271,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), where: str = ""
+) -> T:
     """Load ``cls`` from a YAML file (optional) plus command-line overrides."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, data, where)
     except ConfigError as err:
         if path is not None:
             raise ConfigError(f"{path}: {err}") from None

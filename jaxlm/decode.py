@@ -13,6 +13,10 @@ Padding: pad slots get segment id 0 in the cache, so nothing attends to them, an
 count real tokens only (a row's first real token is position 0), so a row's continuation
 does not depend on how much it was padded. A row stops after emitting ``eos_id``; its later
 slots hold ``pad_id``. Sampling is seeded: the key for step ``i`` is ``fold_in(rng, i)``.
+
+Numerics: the loop carries, per row, the first step whose logits held a NaN or inf; after
+the loop ``generate`` raises ``NonFiniteLogitsError`` naming that row and step, rather than
+returning the (meaningless, often empty) text such logits produce.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
+import math
 from typing import Sequence
 
 import jax
@@ -28,10 +34,12 @@ import numpy as np
 from flax import struct
 
 from jaxlm.config import ModelConfig
+from jaxlm.errors import JaxlmError
 from jaxlm.intervene import Intervention
 from jaxlm.model import KVCache, Params, forward, init_cache
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 
 # Which draws a seed gives; bump when sampling changes them (sweeps redo their generations).
 # 2: sort-free nucleus and Gumbel-max (1: argsort nucleus, jax.random.categorical).
@@ -41,8 +49,16 @@ SAMPLER_VERSION = 2
 _TRACES: collections.Counter = collections.Counter()
 
 
-class GenerationError(ValueError):
+class GenerationError(JaxlmError, ValueError):
     """Bad generation arguments; the message names the argument."""
+
+
+class NonFiniteLogitsError(GenerationError):
+    """The model produced NaN or inf logits: ``row`` (of the batch) at ``step`` (generated token) first."""
+
+    def __init__(self, message: str, row: int, step: int):
+        super().__init__(message)
+        self.row, self.step = row, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +76,7 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise GenerationError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
@@ -98,6 +114,7 @@ class DecodeState:
     done: Array  # [B] bool: the row has emitted eos
     step: Array  # [] int32: the output column written next
     rng: Array  # PRNG key
+    first_nonfinite: Array  # [B] int32: the step whose logits first held NaN/inf (-1: none yet)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +145,35 @@ def left_pad(
         tokens[i, p - len(seq):] = seq
         mask[i, p - len(seq):] = True
     return tokens, mask
+
+
+def keep_last_tokens(
+    sequences: Sequence[Sequence[int]], limit: int, what: str = "prompt", head: Sequence[int] = ()
+) -> tuple[list[list[int]], int]:
+    """Each sequence cut to ``limit`` tokens, and how many were cut; one warning if any were.
+
+    A cut sequence keeps its last tokens; one that starts with ``head`` (a prompt prefix: an
+    instruction, a tag) keeps ``head`` too and loses the tokens after it instead.
+    """
+    head = list(head)
+    if limit <= len(head):
+        after = f" after their {len(head)}-token prefix" if head else ""
+        raise GenerationError(f"{what}s: a limit of {limit} tokens leaves no room{after}")
+
+    def cut_to_limit(seq: list[int]) -> list[int]:
+        if len(seq) <= limit:
+            return seq
+        kept_head = head if head and seq[: len(head)] == head else []
+        return kept_head + seq[len(kept_head):][-(limit - len(kept_head)):]
+
+    kept = [cut_to_limit(list(seq)) for seq in sequences]
+    cut = sum(len(seq) > limit for seq in sequences)
+    if cut:
+        log.warning(
+            "%d of %d %ss are longer than %d tokens (the context left after the new tokens); they keep %s"
+            "their last tokens", cut, len(kept), what, limit, f"their {len(head)}-token prefix and " if head else "",
+        )
+    return kept, cut
 
 
 def padded_batch_size(n_rows: int, batch_size: int) -> int:
@@ -212,6 +258,8 @@ def sample_tokens(logits: Array, rng: Array, settings: SamplingSettings) -> Arra
 
 def _emit(state: DecodeState, logits: Array, settings: SamplingSettings) -> DecodeState:
     """Choose column ``state.step``'s tokens from ``logits`` [B, V] and advance."""
+    broken = ~state.done & ~jnp.all(jnp.isfinite(logits), axis=-1)
+    first_nonfinite = jnp.where(broken & (state.first_nonfinite < 0), state.step, state.first_nonfinite)
     key = jax.random.fold_in(state.rng, state.step)
     token = sample_tokens(logits, key, settings)
     token = jnp.where(state.done, settings.pad_id, token)
@@ -225,7 +273,10 @@ def _emit(state: DecodeState, logits: Array, settings: SamplingSettings) -> Deco
     done = state.done
     if settings.eos_id is not None:
         done = done | (token == settings.eos_id)
-    return state.replace(tokens=tokens, logprobs=logprobs, last=token, lengths=lengths, done=done, step=state.step + 1)
+    return state.replace(
+        tokens=tokens, logprobs=logprobs, last=token, lengths=lengths, done=done, step=state.step + 1,
+        first_nonfinite=first_nonfinite,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,6 +322,7 @@ def prefill(
         done=jnp.zeros((b,), bool),
         step=jnp.zeros((), jnp.int32),
         rng=rng,
+        first_nonfinite=jnp.full((b,), -1, jnp.int32),
     )
     return _emit(state, out.logits[:, -1], settings)
 
@@ -298,6 +350,21 @@ def decode(
         return _emit(s.replace(cache=out.cache), out.logits[:, 0], settings)
 
     return jax.lax.while_loop(unfinished, step, state)
+
+
+def check_finite_logits(first_nonfinite: np.ndarray, alpha: float) -> None:
+    """``NonFiniteLogitsError`` for the first row whose logits held NaN or inf (``first_nonfinite`` [B], -1 = none)."""
+    rows = np.flatnonzero(first_nonfinite >= 0)
+    if rows.size == 0:
+        return
+    row = int(rows[0])
+    step = int(first_nonfinite[row])
+    raise NonFiniteLogitsError(
+        f"the model produced NaN or inf logits for batch row {row} at generated token {step} "
+        f"({rows.size} of {first_nonfinite.size} rows affected; intervention alpha {alpha:g}): "
+        "the parameters or the intervention overflow, so no text was generated",
+        row, step,
+    )
 
 
 def trace_counts() -> dict[str, int]:
@@ -370,6 +437,7 @@ def generate(
     state = prefill(params, tokens, mask, intervention, rng, config=config, settings=settings)
     if max_new_tokens > 1:
         state = decode(params, state, intervention, config=config, settings=settings)
+    check_finite_logits(np.asarray(state.first_nonfinite), float(intervention.alpha))
     return Generation(
         tokens=state.tokens, lengths=state.lengths, logprobs=state.logprobs if return_logprobs else None
     )

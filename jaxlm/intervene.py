@@ -20,6 +20,7 @@ sidecar ``NAME.json`` (``alpha``, ``position_mode``, ``k``, free-form ``provenan
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from jaxlm.config import ModelConfig
+from jaxlm.errors import JaxlmError
 from jaxlm.model import HeadIntervention, Params
 
 Array = jax.Array
@@ -39,7 +41,7 @@ FORMAT = "jaxlm-iti-v1"
 _ARRAY_NAMES = ("directions", "scales", "head_mask")
 
 
-class InterventionError(ValueError):
+class InterventionError(JaxlmError, ValueError):
     """An intervention file or array is malformed or does not fit the model; says what and where."""
 
 
@@ -76,6 +78,8 @@ class Intervention:
         alpha = jnp.asarray(alpha, jnp.float32)
         if alpha.shape != ():
             raise InterventionError(f"alpha: expected a scalar, got shape {tuple(alpha.shape)}")
+        for name, array in (("directions", directions), ("scales", scales), ("alpha", alpha)):
+            check_finite(name, array)
         return cls(directions=directions, scales=scales, head_mask=head_mask, alpha=alpha, position_mode=position_mode)
 
     @classmethod
@@ -92,7 +96,10 @@ class Intervention:
         return int(np.sum(np.asarray(self.head_mask)))
 
     def with_alpha(self, alpha: float | Array) -> "Intervention":
-        return self.replace(alpha=jnp.asarray(alpha, jnp.float32))
+        """The same heads and directions at strength ``alpha`` (a finite number)."""
+        alpha = jnp.asarray(alpha, jnp.float32)
+        check_finite("alpha", alpha)
+        return self.replace(alpha=alpha)
 
     def with_mode(self, position_mode: str) -> "Intervention":
         return Intervention.create(self.directions, self.scales, self.head_mask, self.alpha, position_mode)
@@ -147,7 +154,11 @@ class Intervention:
                         f"{name} axis {axis} ({letter}) is {size} but the model has {field}={want}"
                     )
         if problems:
-            raise InterventionError("intervention does not fit the model: " + "; ".join(problems))
+            model_shape = (config.n_layers, config.n_heads, config.resolved_head_dim)
+            raise InterventionError(
+                f"intervention of shape [L, H, D] = {tuple(self.directions.shape)} does not fit the model's "
+                f"{model_shape}: " + "; ".join(problems)
+            )
 
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
         """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns the .safetensors path."""
@@ -193,8 +204,9 @@ class Intervention:
         for field in ("alpha", "position_mode"):
             if field not in meta:
                 raise InterventionError(f"{sidecar_path(path)}: missing field {field!r}")
-        if not isinstance(meta["alpha"], (int, float)) or isinstance(meta["alpha"], bool):
-            raise InterventionError(f"{sidecar_path(path)}: alpha: expected a number, got {meta['alpha']!r}")
+        alpha = meta["alpha"]
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise InterventionError(f"{sidecar_path(path)}: alpha: expected a finite number, got {alpha!r}")
         try:
             intervention = cls.create(
                 arrays["directions"], arrays["scales"], arrays["head_mask"], meta["alpha"], meta["position_mode"]
@@ -262,6 +274,19 @@ class Intervention:
 # ---------------------------------------------------------------------------------------
 # Directions, scales, heads
 # ---------------------------------------------------------------------------------------
+
+
+def check_finite(name: str, array: Any) -> None:
+    """``InterventionError`` when ``array`` holds NaN or inf: such a shift turns every logit into
+    NaN, and the generated text into empty strings that a toxicity scorer rates as harmless.
+    Traced values (inside ``jit``) are not checked."""
+    if isinstance(array, jax.core.Tracer):
+        return
+    values = np.asarray(array)
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        what = f"{float(values)}" if values.ndim == 0 else f"{bad} of {values.size} values are NaN or inf"
+        raise InterventionError(f"{name}: expected finite numbers, got {what}")
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -3,13 +3,27 @@
 ``train(config, run_dir)`` initialises or resumes a run in ``run_dir`` (see
 ``jaxlm.checkpoint`` for the layout). Reliability contract:
 
+* one training process per run directory: ``train`` holds ``run_dir/.lock`` throughout, and a
+  second one stops at once with a ``LockedError`` naming the holder's pid;
 * killed at any step (SIGKILL) and restarted, a run reproduces the uninterrupted losses
   exactly: parameters, optimizer state and the data-iterator state are checkpointed
   together, and metrics after the restored step are rewritten;
 * SIGTERM / SIGINT save a checkpoint and return cleanly (preemption);
-* a non-finite loss stops the run with a diagnostic and never checkpoints the bad state;
-* a corrupt newest checkpoint is skipped with a warning (``checkpoint.restore_latest``);
-* a run directory created with a different config is refused unless ``allow_config_change``.
+* a non-finite loss (or state) stops the run with a diagnostic and never checkpoints the bad
+  state; the message calls a checkpoint "last good" only when its checksums were verified;
+* checkpoints are sealed with checksums and verified on restore: an unreadable newest one is
+  set aside with a warning and the previous one restored; one that does not fit the run
+  (shapes, dtypes) is refused and nothing is touched (``checkpoint.restore_latest``);
+* a run directory created with a different config is refused unless ``allow_config_change``;
+  the reference is ``config.yaml`` or, when it is missing, the config stored in the checkpoint;
+* nothing is written to the run directory (``config.yaml``, ``tokenizer.json``,
+  ``metrics.jsonl``) until the inputs are validated and the checkpoint restored, so a failed
+  start leaves nothing that blocks the corrected command;
+* ``metrics.jsonl`` never loses a row at or before the restored step: later rows are dropped
+  only once a checkpoint is restored (rewritten via a temporary file), a torn final line is
+  dropped with a warning, a garbled earlier line is a ``MetricsError`` naming file:line, and
+  the rows of an attempt with no checkpoint to resume from are moved aside, not deleted;
+* a failed save (a full disk) is a ``CheckpointError``: earlier checkpoints and metrics stay.
 """
 
 from __future__ import annotations
@@ -28,11 +42,14 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+import yaml
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import perf
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig, dump_yaml, from_dict, read_yaml, to_dict
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig, read_yaml, to_dict
+from jaxlm.data import DataError
 from jaxlm.data.pipeline import PipelineConfig, build_pipeline
+from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.optim import OptimizerConfig
 from jaxlm.sharding import make_mesh
 from jaxlm.train import Trainer
@@ -106,12 +123,16 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
     return load(TrainConfig, path, overrides)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(JaxlmError, RuntimeError):
     pass
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(JaxlmError, RuntimeError):
     pass
+
+
+class MetricsError(JaxlmError):
+    """``metrics.jsonl`` has a garbled line before its end (a torn final line is tolerated)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,21 +149,62 @@ def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path, allow_config_change: bool) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / ckpt.CONFIG_FILE
-    resolved = to_dict(config)
-    if config_path.exists():
-        existing = read_yaml(config_path)
-        diffs = _config_diff(existing, json.loads(json.dumps(resolved)))
-        if diffs and not allow_config_change:
-            raise ConfigMismatchError(
-                f"{run_dir} was created with a different config ({'; '.join(diffs[:8])}"
-                f"{' ...' if len(diffs) > 8 else ''}); pass --override-config to continue with the new one"
+def read_run_config(run_dir: Path) -> dict | None:
+    """The config a run directory was last started with (``config.yaml``), or None."""
+    path = run_dir / ckpt.CONFIG_FILE
+    return read_yaml(path) if path.exists() else None
+
+
+def check_config(config: TrainConfig, recorded: dict, what: str, allow_config_change: bool) -> None:
+    """Refuse ``config`` when it differs from ``recorded`` (``what`` says where that came from),
+    unless ``allow_config_change``: then the differences are logged."""
+    diffs = _config_diff(recorded, json.loads(json.dumps(to_dict(config))))
+    if diffs and not allow_config_change:
+        raise ConfigMismatchError(
+            f"{what} ({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); "
+            "pass --override-config to continue with the new one"
+        )
+    if diffs:
+        log.warning("%s; continuing with the new one: %s", what, "; ".join(diffs))
+
+
+def checkpoint_config_check(config: TrainConfig, run_dir: Path, allow_config_change: bool):
+    """The ``check_meta`` for ``restore_latest`` when ``config.yaml`` is missing: the config
+    stored in the checkpoint is the reference."""
+
+    def check(step: int, meta: dict) -> None:
+        recorded = meta.get("config") if isinstance(meta, dict) else None
+        if isinstance(recorded, dict):
+            what = (
+                f"{run_dir}: its checkpoint at step {step} was saved with a different config "
+                f"({ckpt.CONFIG_FILE} is missing, so the checkpoint's own record was compared)"
             )
-        if diffs:
-            log.warning("continuing %s with a changed config: %s", run_dir, "; ".join(diffs))
-    dump_yaml(config, config_path)
+            check_config(config, recorded, what, allow_config_change)
+
+    return check
+
+
+def _replace_file(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file and ``os.replace``: readers never see half of it."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_run_config(config: TrainConfig, run_dir: Path) -> None:
+    _replace_file(run_dir / ckpt.CONFIG_FILE, lambda f: f.write(yaml.safe_dump(to_dict(config), sort_keys=False)))
+
+
+def copy_tokenizer(source: Path | None, run_dir: Path, fresh: bool) -> None:
+    """The data's tokenizer into the run directory (replacing a stale one when the run starts afresh)."""
+    target = run_dir / ckpt.TOKENIZER_FILE
+    if source is not None and (fresh or not target.exists()):
+        tmp = target.with_name(f"{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -151,27 +213,84 @@ def package_versions() -> dict[str, str | None]:
     return versions()
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (+ TensorBoard). On resume, rows after the restored step are dropped."""
+METRICS_FILE = "metrics.jsonl"
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = self.path.open("a", encoding="utf-8")
+
+def _row_step(line: str) -> int | None:
+    """The step of one metrics row, None when the line is not a row."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def read_metrics_rows(path: Path) -> tuple[list[tuple[int, str]], int]:
+    """(step, line) of each row of a metrics file, and how many torn final lines were dropped
+    (0 or 1). A line that is not a row before the last one raises ``MetricsError``."""
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for position, (number, line) in enumerate(lines):
+        step = _row_step(line)
+        if step is not None:
+            rows.append((step, line))
+        elif position == len(lines) - 1:
+            return rows, 1
+        else:
+            raise MetricsError(
+                f"{path}:{number}: garbled line (expected a JSON object with an integer 'step'); "
+                "only a torn final line is dropped automatically: fix or delete this line, then resume"
+            )
+    return rows, 0
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    target, n = path.with_name(path.name + suffix), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{suffix}.{n}")
+    return target
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (+ TensorBoard).
+
+    Resuming at ``resume_step``, rows after it are dropped (they are logged again) and every
+    earlier row is kept; with nothing restored (``resume_step`` None), rows of an earlier attempt
+    are moved to ``metrics.jsonl.before-restart``. A torn final line is dropped with a warning.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+        self.path = run_dir / METRICS_FILE
+        self.file = None
         self.writer = None
-        if tensorboard and jax.process_index() == 0:
+        if jax.process_index() != 0:
+            return
+        if self.path.exists():
+            self._reconcile(resume_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def _reconcile(self, resume_step: int | None) -> None:
+        rows, torn = read_metrics_rows(self.path)
+        if torn:
+            log.warning("%s: dropped %d torn final line (a write cut short)", self.path, torn)
+        if resume_step is None:
+            if rows or torn:
+                aside = _free_name(self.path, ".before-restart")
+                os.replace(self.path, aside)
+                log.warning("%s: no checkpoint to resume from: the earlier rows were moved to %s", self.path, aside.name)
+            return
+        kept = [line for step, line in rows if step <= resume_step]
+        if torn or len(kept) != len(rows):
+            _replace_file(self.path, lambda f: f.write("".join(line + "\n" for line in kept)))
+
     def write(self, row: dict) -> None:
-        if jax.process_index() != 0:
+        if self.file is None:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -181,7 +300,8 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -219,22 +339,30 @@ def preemption_signals() -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------
 
 
-def _eval_batches(eval_set: EvalSetConfig, tokenizer, seq_len: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out batches: ``seq_len`` windows of one token stream (documents separated by EOS)."""
+def _eval_stream(eval_set: EvalSetConfig, path: Path, tokenizer, need: int) -> np.ndarray:
+    """The first ``need`` token ids of an eval set; a read failure is a ``DataError`` naming the set and file."""
     from jaxlm.data.records import iter_prepared_tokens
     from jaxlm.data.sources import read_text
 
+    try:
+        if eval_set.kind == "text":
+            return np.asarray(tokenizer.encode(read_text(path)), np.int32)[:need]
+        return iter_prepared_tokens(path, need)
+    except JaxlmError as err:  # already names the file
+        raise DataError(f"eval_sets[{eval_set.name}]: {err}") from err
+    except (OSError, EOFError, ValueError) as err:  # truncated gzip, bad bytes, unreadable file
+        raise DataError(f"eval_sets[{eval_set.name}]: {path}: unreadable ({type(err).__name__}: {err})") from err
+
+
+def _eval_batches(eval_set: EvalSetConfig, tokenizer, seq_len: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out batches: ``seq_len`` windows of one token stream (documents separated by EOS)."""
     need = eval_set.max_sequences * seq_len
     path = Path(os.path.expandvars(os.path.expanduser(eval_set.path)))
     if "$" in str(path):
         raise ConfigError(f"eval_sets[{eval_set.name}].path: unset environment variable in {eval_set.path!r}")
     if not path.exists():
         raise ConfigError(f"eval_sets[{eval_set.name}].path: {path} does not exist")
-    if eval_set.kind == "text":
-        text = read_text(path)
-        stream = np.asarray(tokenizer.encode(text), np.int32)[:need]
-    else:
-        stream = iter_prepared_tokens(path, need)
+    stream = _eval_stream(eval_set, path, tokenizer, need)
     n_seq = len(stream) // seq_len
     if n_seq == 0:
         raise ConfigError(f"eval set {eval_set.name!r} ({eval_set.path}): fewer than seq_len={seq_len} tokens")
@@ -243,6 +371,20 @@ def _eval_batches(eval_set: EvalSetConfig, tokenizer, seq_len: int, batch_size: 
     rows = np.resize(rows, (n_batches * batch_size, seq_len)) if n_seq < batch_size else rows[: n_batches * batch_size]
     ones = np.ones((batch_size, seq_len), np.int32)
     return [{"tokens": rows[i * batch_size : (i + 1) * batch_size], "segment_ids": ones} for i in range(n_batches)]
+
+
+def load_eval_sets(config: TrainConfig, tokenizer_path: Path | None) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
+    """(name, batches) of every configured eval set, tokenized with the data's tokenizer."""
+    if not config.eval_sets:
+        return []
+    from jaxlm.tokenizer import Tokenizer
+
+    if tokenizer_path is None:
+        raise ConfigError("eval_sets: the dataset has no tokenizer to tokenize held-out text with")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    return [
+        (es.name, _eval_batches(es, tokenizer, config.data.seq_len, config.data.batch_size)) for es in config.eval_sets
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,6 +410,8 @@ def train(
     """Train (or resume) ``config`` in ``run_dir``; ``max_steps`` stops early at that step (for tests/CLI ``--steps``)."""
     if config.data is None:
         raise ConfigError("data: a training run needs a data section (a prepared dataset and mixture)")
+    if max_steps is not None and max_steps <= 0:
+        raise ConfigError(f"max_steps: expected a positive step number to stop at, got {max_steps}")
     if config.distributed:
         jax.distributed.initialize(
             coordinator_address=config.coordinator_address,
@@ -275,46 +419,83 @@ def train(
             process_id=config.process_id,
         )
     run_dir = Path(run_dir)
-    prepare_run_dir(config, run_dir, allow_config_change)
+    lock = DirectoryLock(run_dir, "training run") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_locked(config, run_dir, max_steps, allow_config_change, show_progress)
 
+
+def _train_locked(
+    config: TrainConfig, run_dir: Path, max_steps: int | None, allow_config_change: bool, show_progress: bool
+) -> RunResult:
+    """``train`` once the run directory is locked: validate and restore, then (only then) write and step."""
+    recorded = read_run_config(run_dir)
+    if recorded is not None:
+        check_config(config, recorded, f"{run_dir} was created with a different config", allow_config_change)
     mesh = make_mesh(config.mesh)
     trainer = Trainer(
         config.model, config.optimizer, config.steps, mesh, grad_accum=config.grad_accum, z_loss=config.z_loss
     )
-    manager = ckpt.open_manager(run_dir, config.checkpoint)
-    restored = ckpt.restore_latest(manager, trainer.abstract_state())
-    pipeline = build_pipeline(
-        config.data,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        state=restored.data_state if restored else None,
-    )
-    tokenizer_src = pipeline.tokenizer_path
-    if tokenizer_src is not None and not (run_dir / ckpt.TOKENIZER_FILE).exists():
-        shutil.copyfile(tokenizer_src, run_dir / ckpt.TOKENIZER_FILE)
-    if pipeline.vocab_size > config.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({config.model.vocab_size}) is smaller than the data's tokenizer vocabulary ({pipeline.vocab_size})"
+    checkpoints = ckpt.RunCheckpoints(run_dir, config.checkpoint)
+    pipeline = metrics_log = None
+    try:
+        check_meta = checkpoint_config_check(config, run_dir, allow_config_change) if recorded is None else None
+        restored = checkpoints.restore_latest(trainer.abstract_state(), check_meta)
+        pipeline = build_pipeline(
+            config.data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            state=restored.data_state if restored else None,
         )
+        if pipeline.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({config.model.vocab_size}) is smaller than the data's tokenizer vocabulary ({pipeline.vocab_size})"
+            )
+        eval_sets = load_eval_sets(config, pipeline.tokenizer_path or run_dir / ckpt.TOKENIZER_FILE)
+        if restored is not None:
+            state, start = restored.state, restored.step
+            log.info("resumed %s at step %d", run_dir, start)
+        else:
+            state, start = trainer.init_state(config.seed), 0
+        # Inputs valid, checkpoint restored: from here on the run directory is written.
+        metrics_log = MetricsLog(run_dir, restored.step if restored else None, config.tensorboard)
+        if jax.process_index() == 0:
+            write_run_config(config, run_dir)
+            copy_tokenizer(pipeline.tokenizer_path, run_dir, fresh=restored is None)
+        result = _run_steps(config, run_dir, trainer, mesh, pipeline, checkpoints, metrics_log, eval_sets,
+                            state, start, max_steps, show_progress)
+    except BaseException:
+        try:
+            checkpoints.close()
+        except Exception as err:  # the error already propagating is the one to report
+            log.warning("while stopping: %s", err)
+        raise
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+        if pipeline is not None:
+            pipeline.close()
+    checkpoints.close()
+    return result
 
-    if restored is not None:
-        state, start = restored.state, restored.step
-        log.info("resumed %s at step %d", run_dir, start)
-    else:
-        state, start = trainer.init_state(config.seed), 0
 
-    metrics_log = MetricsLog(run_dir, start, config.tensorboard)
+def _run_steps(
+    config: TrainConfig,
+    run_dir: Path,
+    trainer: Trainer,
+    mesh: Any,
+    pipeline: Any,
+    checkpoints: ckpt.RunCheckpoints,
+    metrics_log: MetricsLog,
+    eval_sets: list,
+    state: Any,
+    start: int,
+    max_steps: int | None,
+    show_progress: bool,
+) -> RunResult:
+    """The steps from ``start`` to the end (or ``max_steps``, or a signal): log, evaluate, save."""
     stop_at = min(config.steps, max_steps) if max_steps is not None else config.steps
     example = pipeline.peek_shapes()
     step_fn = trainer.jit_step(example)
-    eval_sets = []
-    if config.eval_sets:
-        from jaxlm.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(run_dir / ckpt.TOKENIZER_FILE)
-        eval_sets = [
-            (es.name, _eval_batches(es, tokenizer, config.data.seq_len, config.data.batch_size)) for es in config.eval_sets
-        ]
     eval_fn = trainer.jit_eval_loss({"tokens": example["tokens"], "segment_ids": example["tokens"]}) if eval_sets else None
     peak, peak_source = perf.peak_flops_per_device(config.peak_flops)
     flops_per_token = config.model.flops_per_token(config.data.seq_len)
@@ -333,15 +514,33 @@ def train(
             results[name] = ce / max(n, 1.0)
         return results
 
+    def kept_checkpoint() -> str:
+        """What the run leaves to resume from, "last good" only for a verified checkpoint."""
+        checkpoints.finish()
+        if checkpoints.verified_step is not None:
+            return f"its last good checkpoint ({checkpoints.verified_step}) is kept in {run_dir}"
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            return f"its newest checkpoint ({latest}, not verified: it has no checksums) is kept in {run_dir}"
+        return f"{run_dir} has no checkpoint yet"
+
     def check_finite(step: int, metrics: dict, sources: np.ndarray) -> None:
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             names = pipeline.source_names
             counts = {names[i]: int(c) for i, c in enumerate(np.bincount(sources, minlength=len(names))) if c}
             raise NonFiniteLossError(
-                f"non-finite loss {loss} at step {step} (batch sources: {counts}); the run stopped and its last "
-                f"good checkpoint ({manager.latest_step()}) is kept in {run_dir}"
+                f"non-finite loss {loss} at step {step} (batch sources: {counts}); the run stopped and {kept_checkpoint()}"
             )
+
+    def save(step: int) -> None:
+        bad = ckpt.non_finite_leaves(state)
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite values in the state at step {step} ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                f"not checkpointed: the run stopped and {kept_checkpoint()}"
+            )
+        checkpoints.save(step, state, pipeline.get_state(), meta(step))
 
     last: dict = {}
     stopped_by = "completed" if stop_at == config.steps else "max_steps"
@@ -364,6 +563,7 @@ def train(
                 if pending is not None:
                     check_finite(*pending)
                 pending = (step, metrics, sources)
+                checkpoints.poll()
                 received = signal_flag["signal"]  # read once: a signal arriving later is seen next step
                 must_save = step % config.checkpoint.every == 0 or step == stop_at or received
                 if step % config.log_every == 0 or must_save:
@@ -388,15 +588,12 @@ def train(
                 if progress is not None:
                     progress.update(1)
                 if must_save:
-                    ckpt.save(manager, step, state, pipeline.get_state(), meta(step), force=True)
+                    save(step)
                 if received:
                     stopped_by = received
                     log.warning("%s received: checkpoint saved at step %d, stopping", stopped_by, step)
                     break
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        metrics_log.close()
         if progress is not None:
             progress.close()
     last.setdefault("peak_flops_source", peak_source)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxlm.errors import JaxlmError
+
 DATA_DIR_ENV = "JAXLM_DATA_DIR"
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(JaxlmError, FileNotFoundError):
     """A dataset the caller asked for is not under the data directory."""
 
 

@@ -21,6 +21,8 @@ import functools
 import json
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,12 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ConfigError, ModelConfig, to_dict
+from jaxlm.errors import JaxlmError
 from jaxlm.model import Params, forward
 
 POSITIONS = ("last", "mean")
 REPORT_FILE = "probe_report.json"
 HEATMAP_FILE = "probe_heatmap.png"
 WEIGHTS_FILE = "probe_weights.npz"
+NPY_MAGIC = b"\x93NUMPY"
+WEIGHT_ARRAYS = ("accuracy", "auc", "train_accuracy", "weights", "intercepts", "ranking", "train_index", "val_index", "converged")
+
+
+class ProbeError(JaxlmError, ValueError):
+    """Bad probe input (texts, labels, activations) or an unreadable probe directory; names what and where."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,7 +61,7 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
         raise TypeError(f"tokenizer must have encode_batch or be callable, got {type(tokenizer).__name__}")
     ids = [list(getattr(item, "ids", item)) for item in encoded]
     if len(ids) != len(texts):
-        raise ValueError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
+        raise ProbeError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
     return ids
 
 
@@ -120,16 +129,16 @@ def collect_head_activations(
     as that memmap).
     """
     if position not in POSITIONS:
-        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        raise ProbeError(f"position must be one of {POSITIONS}, got {position!r}")
     if padding not in ("right", "left"):
-        raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
+        raise ProbeError(f"padding must be 'right' or 'left', got {padding!r}")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ProbeError(f"batch_size must be positive, got {batch_size}")
     max_len = min(max_len or config.max_seq_len, config.max_seq_len)
     ids = [seq[:max_len] for seq in encode_texts(tokenizer, texts)]
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
-        raise ValueError(f"{len(empty)} text(s) encode to no tokens (first: index {empty[0]}); drop them first")
+        raise ProbeError(f"{len(empty)} text(s) encode to no tokens (first: index {empty[0]}); drop them first")
 
     shape = (len(ids), config.n_layers, config.n_heads, config.resolved_head_dim)
     if out_path is not None:
@@ -165,12 +174,12 @@ def collect_head_activations(
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise ProbeError(f"labels must be 1-D, got shape {labels.shape}")
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(np.unique(labels).tolist()))}")
+        raise ProbeError(f"labels must be 0 or 1, got values {sorted(set(np.unique(labels).tolist()))}")
     counts = np.bincount(labels.astype(np.int64), minlength=2)
     if counts.min() < 2:
-        raise ValueError(f"each class needs at least 2 examples, got counts {counts.tolist()}")
+        raise ProbeError(f"each class needs at least 2 examples, got counts {counts.tolist()}")
     return labels.astype(np.int32)
 
 
@@ -192,7 +201,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.n
     """Seeded stratified k-fold: the validation indices of each fold (a partition of all)."""
     labels = _check_labels(labels)
     if folds < 2 or folds > np.bincount(labels).min():
-        raise ValueError(f"folds must be between 2 and the smaller class size, got {folds}")
+        raise ProbeError(f"folds must be between 2 and the smaller class size, got {folds}")
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(labels), np.int64)
     offset = 0
@@ -442,13 +451,26 @@ class ProbeResult:
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "ProbeResult":
-        """Read back what ``save_report`` wrote."""
+        """Read back what ``save_report`` wrote; ``ProbeError`` naming the file that is missing or damaged."""
         out = Path(out_dir)
+        report = _read_report(out / REPORT_FILE)
+        arrays = _read_weights(out / WEIGHTS_FILE)
         try:
-            report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
-            arrays = np.load(out / WEIGHTS_FILE, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{out}: not a probe report directory ({err})") from None
+            result = cls._from_saved(report, arrays)
+        except JaxlmError as err:
+            raise ProbeError(f"{out / REPORT_FILE}: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProbeError(f"{out / REPORT_FILE}: not a probe report ({type(err).__name__}: {err})") from None
+        l, h = result.accuracy.shape if result.accuracy.ndim == 2 else (None, None)
+        if l is None or result.weights.ndim != 3 or result.weights.shape[:2] != (l, h):
+            raise ProbeError(
+                f"{out / WEIGHTS_FILE}: accuracy {result.accuracy.shape} and weights {result.weights.shape} "
+                "are not [L, H] and [L, H, D]"
+            )
+        return result
+
+    @classmethod
+    def _from_saved(cls, report: dict, arrays: dict[str, np.ndarray]) -> "ProbeResult":
         return cls(
             accuracy=arrays["accuracy"],
             auc=arrays["auc"],
@@ -466,6 +488,58 @@ class ProbeResult:
         )
 
 
+def _missing_probe_file(path: Path) -> ProbeError:
+    return ProbeError(f"{path}: missing (run `jaxlm probe ... --out {path.parent}` first)")
+
+
+def _read_report(path: Path) -> dict:
+    """``probe_report.json`` as a dict."""
+    if not path.is_file():
+        raise _missing_probe_file(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProbeError(f"{path}: not a JSON probe report ({err})") from None
+    if not isinstance(report, dict):
+        raise ProbeError(f"{path}: expected a JSON object, got {type(report).__name__}")
+    return report
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every array of ``probe_weights.npz``, read in full (so a damaged member fails here)."""
+    if not path.is_file():
+        raise _missing_probe_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ProbeError(f"{path}: not a readable .npz of probe weights ({err})") from None
+    missing = [name for name in WEIGHT_ARRAYS if name not in arrays]
+    if missing:
+        raise ProbeError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
+    return arrays
+
+
+def load_array(path: str | os.PathLike, what: str, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` file written by ``jaxlm probe`` (memory-mapped with ``mmap``); ``ProbeError`` naming
+    the file when it is missing, truncated or not an array."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing_probe_file(path)
+    with path.open("rb") as stream:
+        if stream.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ProbeError(f"{path}: not a .npy file of {what} (no NumPy header)")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ProbeError(f"{path}: not a readable .npy of {what} ({err})") from None
+    if not isinstance(array, np.ndarray):
+        raise ProbeError(f"{path}: expected a .npy array of {what}, got an .npz archive")
+    return array
+
+
 def rank_heads(accuracy: np.ndarray, auc: np.ndarray) -> tuple[tuple[int, int], ...]:
     """(layer, head) sorted by accuracy, then AUC (both descending), then position."""
     layers, heads = np.indices(accuracy.shape)
@@ -477,11 +551,11 @@ def train_probes(activations: np.ndarray, labels: np.ndarray, config: ProbeConfi
     """Fit and validate a probe for every head of ``activations`` [N, L, H, D] (labels [N] in {0, 1})."""
     activations = np.asarray(activations) if not isinstance(activations, np.memmap) else activations
     if activations.ndim != 4:
-        raise ValueError(f"activations must be [N, L, H, D], got shape {activations.shape}")
+        raise ProbeError(f"activations must be [N, L, H, D], got shape {activations.shape}")
     labels = _check_labels(labels)
     n, n_layers, n_heads, d = activations.shape
     if len(labels) != n:
-        raise ValueError(f"{n} activation rows but {len(labels)} labels")
+        raise ProbeError(f"{n} activation rows but {len(labels)} labels")
     features = activations.reshape(n, n_layers * n_heads, d)
     fit = functools.partial(
         fit_logistic_heads, features, labels, C=config.C, standardize=config.standardize,
@@ -548,3 +622,35 @@ def plot_heatmap(accuracy: np.ndarray, path: str | os.PathLike, *, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+def load_probe_run(probe_dir: str | os.PathLike) -> tuple[ProbeResult, np.ndarray, np.ndarray]:
+    """``(ProbeResult, activations [N, L, H, D] memmap, labels [N])`` of a `jaxlm probe` output
+    directory, checked against each other; ``ProbeError`` naming the file that is missing,
+    damaged or of the wrong shape."""
+    probe_dir = Path(probe_dir)
+    acts_path, labels_path = probe_dir / "activations.npy", probe_dir / "labels.npy"
+    acts = load_array(acts_path, "head activations [N, L, H, D]", mmap=True)
+    labels = load_array(labels_path, "labels [N]")
+    result = ProbeResult.load(probe_dir)
+    if acts.ndim != 4:
+        raise ProbeError(f"{acts_path}: expected shape [N, L, H, D], got {acts.shape}")
+    if labels.shape != (acts.shape[0],):
+        raise ProbeError(f"{labels_path}: expected shape [N] = ({acts.shape[0]},) like {acts_path.name}, got {labels.shape}")
+    if result.weights.shape != acts.shape[1:]:
+        raise ProbeError(
+            f"{probe_dir}: probe weights [L, H, D] = {result.weights.shape} do not match {acts_path.name} "
+            f"{acts.shape[1:]} (files from different probe runs?)"
+        )
+    bad = count_non_finite(acts)
+    if bad:
+        raise ProbeError(f"{acts_path}: {bad} of {acts.size} values are NaN or inf (the model that produced them diverged?)")
+    return result, acts, labels
+
+
+def count_non_finite(array: np.ndarray, rows_per_block: int = 256) -> int:
+    """NaN and inf values in ``array``, read a block of rows at a time (a memmap stays on disk)."""
+    return sum(
+        int(np.size(block) - np.count_nonzero(np.isfinite(block)))
+        for block in (array[start : start + rows_per_block] for start in range(0, len(array), rows_per_block))
+    )

@@ -30,6 +30,8 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from jaxlm.errors import JaxlmError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -40,7 +42,7 @@ KNOWN_PAD_TOKENS = (PAD_TOKEN, "<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pa
 _SIDE_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(JaxlmError, ValueError):
     """A tokenizer file or special-token choice is invalid; the message names the file."""
 
 

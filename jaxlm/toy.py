@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig, apply_overrides, from_dict, read_yaml, to_dict
+from jaxlm.config import ConfigError, ModelConfig, load, to_dict
 from jaxlm.optim import OptimizerConfig
 
 Array = jax.Array
@@ -171,30 +171,14 @@ def quick_config(config: ToyConfig) -> ToyConfig:
     )
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_toy_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ToyConfig:
     """``ToyConfig`` from YAML plus ``key=value`` overrides, on top of the toy defaults.
 
     Nested ``model`` / ``optimizer`` mappings change only the keys they name (the rest stay
-    the toy model's, not ``ModelConfig``'s OLMo defaults).
+    the toy model's, not ``ModelConfig``'s OLMo defaults): ``jaxlm.config.from_dict`` merges
+    a partial section with its field's default.
     """
-    data = to_dict(ToyConfig())
-    if path is not None:
-        data = _merge(data, read_yaml(path))
-    data = apply_overrides(data, list(overrides))
-    try:
-        return from_dict(ToyConfig, data, "toy")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    return load(ToyConfig, path, overrides, where="toy")
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and exposes ``init_state`` and a jitted ``step(state, batch) -> (state, metrics)
 whose inputs and outputs carry ``NamedSharding``s derived from the logical-axis rules:
 parameters and optimizer state sharded FSDP-style (``embed`` over ``fsdp``, heads and
 MLP over ``tensor``), the batch over ``data`` x ``fsdp``; the state buffers are donated.
-The run loop (data, checkpoints, logging) lives in ``jaxlm.run``.
+The run loop (data, checkpoints, logging) lives in ``jaxlm.loop``.
 """
 
 from __future__ import annotations

@@ -85,6 +85,28 @@ def tiny_prepared(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_prepared, tmp_path_factory):
+    """A tiny model trained for 20 steps by ``jaxlm train`` (checkpoints 10 and 20); read-only for tests."""
+    import yaml
+
+    from jaxlm.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 320},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 5},
+        "data": {"dataset": str(tiny_prepared), "sources": {"clean": 0.9, "toxic": 0.1}, "seq_len": 32, "batch_size": 8},
+        "checkpoint": {"every": 10},
+        "steps": 20,
+        "log_every": 5,
+        "tensorboard": False,
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "train.yaml"), "--run-dir", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
 # ---------------------------------------------------------------------------------------
 # A crafted data directory with the layout of ../shared/data (CLI and sweep tests)
 # ---------------------------------------------------------------------------------------

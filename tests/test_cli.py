@@ -4,25 +4,13 @@ train -> probe -> iti -> generate -> eval."""
 import json
 
 import pytest
-import yaml
 
 from jaxlm.cli import main
 
+
 @pytest.fixture(scope="module")
-def run_dir(tiny_prepared, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    config = {
-        "model": {"preset": "tiny", "vocab_size": 320},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 5},
-        "data": {"dataset": str(tiny_prepared), "sources": {"clean": 0.9, "toxic": 0.1}, "seq_len": 32, "batch_size": 8},
-        "checkpoint": {"every": 10},
-        "steps": 20,
-        "log_every": 5,
-        "tensorboard": False,
-    }
-    (root / "train.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(root / "train.yaml"), "--run-dir", str(root / "run"), "--no-progress"]) == 0
-    return root / "run"
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 def test_train_probe_iti_generate_eval(run_dir, crafted_data_dir, tmp_path, capsys):

@@ -109,9 +109,9 @@ def test_errors_name_the_file(data_dir, tmp_path):
     with pytest.raises(LabelledDataError, match=r"labeled_data\.csv\.gz.*missing column"):
         load_davidson(data_dir)
     (data_dir / "eval" / "rtp" / "toxic.jsonl").write_text('{"prompt": {"text": "x", "toxicity": 0.9}}\nnot json\n')
-    with pytest.raises(LabelledDataError, match=r"toxic\.jsonl: line 1.*continuation"):
+    with pytest.raises(LabelledDataError, match=r"toxic\.jsonl:1: .*continuation"):
         load_rtp(data_dir)
-    with pytest.raises(LabelledDataError, match=r"toxic\.jsonl: line 2: invalid JSON"):
+    with pytest.raises(LabelledDataError, match=r"toxic\.jsonl:2: invalid JSON"):
         load_rtp(data_dir, parts=("prompt",))
     (data_dir / "eval" / "rtp" / "toxic.jsonl").write_text('{"prompt": {"text": "x", "toxicity": 0.9}}\n')
     (data_dir / "eval" / "rtp" / "nontoxic.jsonl").unlink()

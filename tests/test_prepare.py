@@ -202,12 +202,13 @@ def test_changed_input_retrains_a_sampled_tokenizer(corpus, tmp_path):
     assert result.tokenizer_trained and "notes" in result.built
 
 
-def test_interrupted_run_leaves_no_valid_looking_output(corpus, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_the_previous_dataset_intact(corpus, tmp_path, monkeypatch):
     from jaxlm.data import prepare as prepare_module
 
     out = tmp_path / "prepared"
     recipe = make_recipe()
     run(recipe, out, corpus)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # New ids, same texts: the notes are rebuilt; the retrained tokenizer is the same, so the
     # other sources stay valid.
     (corpus / "notes.jsonl").write_text("".join(json.dumps({**n, "id": n["id"] + "x"}) + "\n" for n in NOTES))
@@ -224,14 +225,12 @@ def test_interrupted_run_leaves_no_valid_looking_output(corpus, tmp_path, monkey
     monkeypatch.setattr(prepare_module.DocumentEncoder, "__call__", failing)
     with pytest.raises(KeyboardInterrupt):
         run(recipe, out, corpus, task_chars=100)
-    # No manifest claims completeness (the pipeline refuses the directory) and the source
-    # being written has no file at all, temporary or with a valid shard name.
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(records.ManifestError, match="no manifest"):
-        build_pipeline(from_dict(PipelineConfig, {"dataset": str(out), "sources": {"books": 1.0}}))
-    assert list((out / "notes").iterdir()) == []
-    with pytest.raises(records.RecordError, match="no shards"):
-        records.shard_paths(out / "notes")
+    # Nothing was committed: the previous dataset (manifest, tokenizer, every shard) is byte for
+    # byte what it was, and no staged shard or tokenizer is left behind.
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == {p: b for p, b in before.items() if p.name != ".lock"}
+    assert not list(out.rglob(".staging")) and not (out / ".tokenizer.json.staged").exists()
+    build_pipeline(from_dict(PipelineConfig, {"dataset": str(out), "sources": {"notes": 1.0}, "prefetch": 0})).close()
 
     monkeypatch.setattr(prepare_module.DocumentEncoder, "__call__", original)
     books = shard_files(out / "books")

@@ -114,8 +114,9 @@ def test_toxigen_end_to_end_with_prefix(tmp_path, params):
     assert all("\n" not in c for r in plain.records for c in r["continuations"])
     import dataclasses
 
+    # the 111-byte instruction needs a longer context than CFG's 96 (RoPE: same parameters)
     prefixed = protocols.toxigen(
-        CFG, params, tok, tmp_path / "tg", vowel_share,
+        dataclasses.replace(CFG, max_seq_len=256), params, tok, tmp_path / "tg", vowel_share,
         settings=dataclasses.replace(settings, prefix=protocols.DETOX_INSTRUCTION), progress=False,
     )
     assert [r["continuations"] for r in prefixed.records] != [r["continuations"] for r in plain.records]

@@ -13,7 +13,8 @@ from jaxlm.sweep.plan import train_config
 from jaxlm.sweep.report import paired_test, right_tail_test
 
 TEMPLATE = {
-    "model": {"preset": "tiny", "vocab_size": 320},
+    # a 160-token context: the prompting method's instruction is ~100 tokens in this 320-token BPE
+    "model": {"preset": "tiny", "vocab_size": 320, "max_seq_len": 160},
     "optimizer": {"lr": 3e-3, "warmup_steps": 2},
     "data": {"seq_len": 32, "batch_size": 8},
     "steps": 12,
@@ -145,6 +146,10 @@ def test_sweep_end_to_end_then_resumes_without_redoing_work(tiny_sweep, crafted_
     text = report.read_text()
     assert "## Claims of the reference study" in text and "| clean no intervention |" in text
     assert "MEDA 25% (conditioned on non-toxic)" in text
+    counted = [json.loads(p.read_text()) for p in out.glob("runs/*/eval/*.json") if not p.name.endswith(".done.json")]
+    empty, cut = (sum(r[p][key] for r in counted for p in ("rtp", "toxigen")) for key in ("empty_continuations", "truncated_prompts"))
+    assert cut > 0  # the detox instruction plus a ToxiGen prompt overflows the tiny model's context
+    assert f"empty continuations: {empty}" in text and f"prompts cut to the context: {cut} (most: " in text
     summary = json.loads((out / "report.json").read_text())
     assert {c["verdict"] for c in summary["claims"]} <= {"reproduced", "not reproduced", "direction agrees, not significant",
                                                          "contradicted (opposite, significant)"}

@@ -229,7 +229,7 @@ def test_rtp_loader_names_the_bad_line(tmp_path):
     write_crafted_rtp(tmp_path)
     path = tmp_path / "eval" / "rtp" / "toxic.jsonl"
     path.write_text(path.read_text() + '{"filename": "x", "prompt": {"text": "a", "toxicity": 3}}\n')
-    with pytest.raises(tm.ToxicityModelError, match=r"toxic.jsonl: line 31: prompt.toxicity must be in \[0, 1\]"):
+    with pytest.raises(tm.ToxicityModelError, match=r"toxic.jsonl:31: prompt.toxicity must be in \[0, 1\]"):
         tm.load_rtp_scores(tmp_path)
 
 

@@ -3,8 +3,10 @@
 ``prepare`` turns raw corpora into tokenized shards (``jaxlm.data.prepare``; see docs/data.md).
 ``inspect`` summarises a prepared dataset's manifest, decodes a few packed sequences, and
 measures the realised token share of each source over N batches of a pipeline config
-(a pipeline config YAML, or a training config whose ``data:`` section is one).
-Both exit with status 2 and a one-line message on bad input.
+(a pipeline config YAML, or a training config whose ``data:`` section is one); it also
+checks the sha256 of every shard of those sources against the manifest.
+Bad input (a recipe, an option, a damaged dataset) raises a ``JaxlmError``, which ``jaxlm``
+turns into a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,19 +18,7 @@ import logging
 import sys
 from typing import Any
 
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from jaxlm.config import ConfigError
-    from jaxlm.data import DataError
-    from jaxlm.tokenizer import TokenizerError
-
-    return (ConfigError, DataError, TokenizerError, FileNotFoundError)
-
-
-def _fail(command: str, err: BaseException) -> int:
-    message = " ".join(str(err).split())  # one line
-    print(f"jaxlm data {command}: error: {message}", file=sys.stderr)
-    return 2
+from jaxlm.cli import options
 
 
 # ---------------------------------------------------------------------------------------
@@ -41,18 +31,16 @@ def _format_drops(dropped: dict[str, int]) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    try:
-        from jaxlm.data.prepare import load_recipe, prepare
+    from jaxlm.data.prepare import load_recipe, prepare
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        recipe = load_recipe(args.recipe, args.overrides)
-        result = prepare(
-            recipe, args.out, workers=args.workers, data_dir=args.data_dir, progress=not args.no_progress
-        )
-    except _errors() as err:
-        return _fail("prepare", err)
+    options.at_least("--workers", args.workers, 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        result = prepare(recipe, args.out, workers=args.workers, data_dir=args.data_dir, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("jaxlm data prepare: interrupted; no manifest written (run again to finish)", file=sys.stderr)
+        print("jaxlm data prepare: interrupted; nothing half-written is marked complete (run again to finish)",
+              file=sys.stderr)
         return 130
     if result.up_to_date:
         print(f"{result.out_dir}: up to date")
@@ -149,12 +137,15 @@ def inspect_pipeline(config, batches: int, samples: int = 4, width: int = 240, p
     """Manifest summary, decoded samples and realised vs target token shares over ``batches``."""
     from tqdm import tqdm
 
+    from jaxlm.data import records
     from jaxlm.data.pipeline import build_pipeline
     from jaxlm.tokenizer import Tokenizer
 
     pipeline = build_pipeline(dataclasses.replace(config, prefetch=0))
     try:
         manifest = pipeline.manifest
+        for name in config.source_names:  # build_pipeline checked sizes and the tokenizer; now the bytes
+            records.verify_source(manifest.sources[name], checksums=True)
         tokenizer = Tokenizer.load(manifest.tokenizer) if manifest.tokenizer is not None else None
         decoded = []
         for step in tqdm(range(batches), desc="batches", unit="batch", disable=None if progress else True):
@@ -206,13 +197,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    if args.batches < 1:
-        return _fail("inspect", ValueError(f"--batches: expected a positive integer, got {args.batches}"))
-    try:
-        config = load_pipeline_config(args.config, args.overrides)
-        report = inspect_pipeline(config, args.batches, args.samples, progress=not args.json)
-    except _errors() as err:
-        return _fail("inspect", err)
+    options.at_least("--batches", args.batches, 1)
+    options.at_least("--samples", args.samples, 0)
+    config = load_pipeline_config(args.config, args.overrides)
+    report = inspect_pipeline(config, args.batches, args.samples, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -241,7 +229,7 @@ def register(subparsers) -> None:
     prep.add_argument("--workers", type=int, default=2, help="tokenizing/scoring processes (0: in-process; default 2)")
     prep.add_argument("--data-dir", help="corpora root (default: the recipe's data_dir, then $JAXLM_DATA_DIR)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    prep.set_defaults(func=run_prepare)
+    prep.set_defaults(func=run_prepare, command_name="data prepare")  # names the error line
 
     insp = commands.add_parser(
         "inspect",
@@ -253,4 +241,4 @@ def register(subparsers) -> None:
     insp.add_argument("--batches", type=int, default=100, help="batches to draw for the realised mixture (default 100)")
     insp.add_argument("--samples", type=int, default=4, help="decoded sample sequences to show (default 4)")
     insp.add_argument("--json", action="store_true", help="print JSON (keys realised, target, manifest, samples, ...)")
-    insp.set_defaults(func=run_inspect)
+    insp.set_defaults(func=run_inspect, command_name="data inspect")

@@ -1,26 +1,50 @@
-"""``jaxlm eval SUITE --checkpoint DIR``: toxicity protocols and capability cost."""
+"""``jaxlm eval SUITE --checkpoint DIR``: toxicity protocols and capability cost.
+
+Each toxicity line of the summary also counts the empty continuations (an empty text scores
+as non-toxic) and the prompts cut to fit the context; ``results.json`` records both.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 SUITES = ("rtp", "toxigen", "ce", "blimp", "all")
 TOXICITY_KEYS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, naming the option, before the model is loaded."""
+    from jaxlm.cli import options
+
+    for option, value in (("--batch-size", args.batch_size), ("--samples", args.samples),
+                          ("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit),
+                          ("--ce-docs", args.ce_docs)):
+        options.at_least(option, value, 1)
+    options.at_least("--ce-len", args.ce_len, 2)
+    options.nucleus("--top-p", args.top_p)
+    options.finite("--alpha", args.alpha)
+    if args.alpha is not None and not args.iti:
+        raise options.OptionError("--alpha needs --iti FILE")
+    if args.suite in ("rtp", "toxigen", "all"):
+        from jaxlm.evaluate.toxicity import scorer_names
+
+        if args.scorer not in scorer_names():
+            raise options.OptionError(f"--scorer: unknown toxicity scorer {args.scorer!r}; valid names: {', '.join(scorer_names())}")
+
+
 def run_suites(args: argparse.Namespace) -> dict:
-    from jaxlm.checkpoint import load_model
+    from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.evaluate import capability, protocols
     from jaxlm.evaluate.toxicity import get_scorer
     from jaxlm.intervene import Intervention
     from jaxlm.paths import dataset_path
 
+    check_options(args)
     loaded = load_model(args.checkpoint)
     if loaded.tokenizer is None:
-        raise FileNotFoundError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
     config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     intervention = None
     if args.iti:
@@ -109,17 +133,18 @@ def _plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
+def toxicity_line(name: str, summary: dict) -> str:
+    """One summary line of a toxicity protocol: its metrics, empty continuations, truncated prompts."""
+    metrics = ", ".join(f"{k} {summary[k]:.4f}" for k in TOXICITY_KEYS)
+    empty = f"empty continuations {summary['empty_continuations']} ({100 * summary['empty_continuation_fraction']:.1f}%)"
+    return f"{name}: {metrics}, {empty}, truncated prompts {summary['truncated_prompts']}"
 
-    try:
-        results = run_suites(args)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
-        print(f"jaxlm eval: error: {err}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    results = run_suites(args)
     for name in ("rtp", "toxigen"):
         if name in results:
-            print(name + ": " + ", ".join(f"{k} {results[name][k]:.4f}" for k in TOXICITY_KEYS))
+            print(toxicity_line(name, results[name]))
     for key in ("ce", "blimp_accuracy"):
         if key in results:
             print(f"{key}: {results[key]:.4f}")

@@ -4,13 +4,16 @@ Prompts come from ``--prompt`` (repeatable) and then ``--prompts-file`` (one pro
 or JSON lines with a ``prompt`` field when the file ends in ``.jsonl``). Prompts run in
 batches of ``--batch-size``, left-padded to a multiple of 16 tokens, so a long prompt list
 compiles a handful of programs; every alpha reuses them. Output: one JSON line per prompt
-(``prompt``, ``completion``, ``tokens``) on stdout, or into ``--out``.
+(``prompt``, ``completion``, ``tokens``, ``prompt_truncated``) on stdout, or into ``--out``.
+A prompt longer than the context left after ``--max-new-tokens`` keeps its last tokens
+(one warning counts them; ``prompt_truncated`` marks them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +22,18 @@ PAD_MULTIPLE = 16
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a ``.jsonl`` file (field ``prompt``)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    from jaxlm.decode import GenerationError
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise GenerationError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "a prompts file holds one prompt per line, or JSON lines with a 'prompt' field"
+        ) from None
+    lines = text.splitlines()
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
     prompts = []
@@ -29,9 +43,9 @@ def read_prompts(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
+            raise GenerationError(f"{path}:{number}: invalid JSON ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string field 'prompt'")
+            raise GenerationError(f"{path}:{number}: expected an object with a string field 'prompt'")
         prompts.append(record["prompt"])
     return prompts
 
@@ -49,23 +63,30 @@ def generate_texts(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[dict]:
-    """Continue ``prompts`` with a ``jaxlm.checkpoint.LoadedModel``; one record per prompt."""
+    """Continue ``prompts`` with a ``jaxlm.checkpoint.LoadedModel``; one record per prompt.
+
+    Prompts longer than the context left after ``max_new_tokens`` keep their last tokens
+    (one warning; ``prompt_truncated`` in their records).
+    """
     import jax
     from tqdm import tqdm
 
-    from jaxlm.decode import generate, left_pad
+    from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad
 
     config, tokenizer = loaded.config, loaded.tokenizer
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    if batch_size < 1:
+        raise GenerationError(f"batch_size: expected an integer >= 1, got {batch_size}")
     max_prompt = config.max_seq_len - max_new_tokens
     if max_prompt < 1:
-        raise ValueError(
+        raise GenerationError(
             f"--max-new-tokens {max_new_tokens} leaves no room for a prompt (max_seq_len {config.max_seq_len})"
         )
-    encoded = tokenizer.encode_batch(prompts)
-    for text, ids in zip(prompts, encoded):
+    full = tokenizer.encode_batch(prompts)
+    for number, (text, ids) in enumerate(zip(prompts, full)):
         if not ids:
-            raise ValueError(f"prompt {text!r} encodes to no tokens")
+            raise GenerationError(f"prompt {number} ({text!r}) encodes to no tokens")
+    encoded, _ = keep_last_tokens(full, max_prompt)
     batch_size = min(batch_size, len(prompts))
     key = jax.random.key(seed)
     records = []
@@ -76,69 +97,93 @@ def generate_texts(
         longest = min(max(len(ids) for ids in rows), max_prompt)
         length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_prompt)
         tokens, mask = left_pad(rows, pad_id=pad_id, length=length)
-        out = generate(
-            config,
-            loaded.params,
-            tokens,
-            prompt_mask=mask,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            intervention=intervention,
-            rng=jax.random.fold_in(key, number),
-            eos_id=tokenizer.eos_id,
-            pad_id=pad_id,
-        )
+        try:
+            out = generate(
+                config,
+                loaded.params,
+                tokens,
+                prompt_mask=mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                intervention=intervention,
+                rng=jax.random.fold_in(key, number),
+                eos_id=tokenizer.eos_id,
+                pad_id=pad_id,
+            )
+        except NonFiniteLogitsError as err:
+            index = start + min(err.row, len(chunk) - 1)
+            raise NonFiniteLogitsError(f"prompt {index} ({prompts[index][:40]!r}): {err}", err.row, err.step) from None
         for offset, ids in enumerate(out.sequences()[: len(chunk)]):
             shown = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
-            records.append({"prompt": prompts[start + offset], "completion": tokenizer.decode(shown), "tokens": ids})
+            index = start + offset
+            records.append({
+                "prompt": prompts[index], "completion": tokenizer.decode(shown), "tokens": ids,
+                "prompt_truncated": len(full[index]) > max_prompt,
+            })
     return records
 
 
-def run(args: argparse.Namespace) -> int:
-    from jaxlm.checkpoint import load_model
-    from jaxlm.config import ConfigError
-    from jaxlm.intervene import Intervention, InterventionError
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, naming the option, before the model is loaded."""
+    from jaxlm.cli import options
 
+    options.at_least("--batch-size", args.batch_size, 1)
+    options.at_least("--max-new-tokens", args.max_new_tokens, 1)
+    options.at_least("--top-k", args.top_k, 0)
+    options.finite("--temperature", args.temperature, minimum=0.0)
+    options.nucleus("--top-p", args.top_p)
+    options.finite("--alpha", args.alpha)
+    if args.alpha is not None and not args.iti:
+        raise options.OptionError("--alpha needs --iti FILE")
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """``lines`` into ``path`` through a temporary file, so a failed write leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxlm.checkpoint import CheckpointError, load_model
+    from jaxlm.cli.options import OptionError
+    from jaxlm.intervene import Intervention
+
+    check_options(args)
     prompts = list(args.prompt or [])
-    try:
-        if args.prompts_file:
-            prompts += read_prompts(Path(args.prompts_file))
-        if not prompts:
-            raise ValueError("no prompts: give --prompt TEXT and/or --prompts-file FILE")
-        if args.alpha is not None and not args.iti:
-            raise ValueError("--alpha needs --iti FILE")
-        loaded = load_model(args.checkpoint)
-        if loaded.tokenizer is None:
-            raise ValueError(f"{args.checkpoint}: no tokenizer next to the checkpoint")
-        intervention = None
-        if args.iti:
-            intervention = Intervention.load(args.iti, config=loaded.config)
-            if args.alpha is not None:
-                intervention = intervention.with_alpha(args.alpha)
-            if args.position_mode:
-                intervention = intervention.with_mode(args.position_mode)
-        records = generate_texts(
-            loaded,
-            prompts,
-            intervention=intervention,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    except (ConfigError, InterventionError, OSError, ValueError) as err:
-        print(f"jaxlm generate: error: {err}", file=sys.stderr)
-        return 2
+    if args.prompts_file:
+        prompts += read_prompts(Path(args.prompts_file))
+    if not prompts:
+        raise OptionError("no prompts: give --prompt TEXT and/or --prompts-file FILE")
+    loaded = load_model(args.checkpoint)
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer next to the checkpoint")
+    intervention = None
+    if args.iti:
+        intervention = Intervention.load(args.iti, config=loaded.config)
+        if args.alpha is not None:
+            intervention = intervention.with_alpha(args.alpha)
+        if args.position_mode:
+            intervention = intervention.with_mode(args.position_mode)
+    records = generate_texts(
+        loaded,
+        prompts,
+        intervention=intervention,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     extra = {"alpha": float(intervention.alpha), "iti": str(args.iti)} if intervention is not None else {}
     lines = [json.dumps({**record, **extra}, ensure_ascii=False) for record in records]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_lines(Path(args.out), lines)
         print(f"wrote {len(lines)} generations to {args.out}", file=sys.stderr)
     else:
         print("\n".join(lines))

@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 def build(probe_dir: Path, k: int, alpha: float, direction: str, position_mode: str, seed: int):
     """The intervention for the ``k`` most accurate heads of a probe run (activations + labels + report)."""
-    import numpy as np
+    from jaxlm.intervene import Intervention, InterventionError
+    from jaxlm.probe import load_probe_run
 
-    from jaxlm.intervene import Intervention
-    from jaxlm.probe import ProbeResult
-
-    for name in ("activations.npy", "labels.npy"):
-        if not (probe_dir / name).exists():
-            raise FileNotFoundError(f"{probe_dir / name}: missing (run `jaxlm probe ... --out {probe_dir}` first)")
-    result = ProbeResult.load(probe_dir)
-    acts = np.load(probe_dir / "activations.npy", mmap_mode="r")
-    labels = np.load(probe_dir / "labels.npy")
-    return Intervention.from_activations(
-        acts, labels, result.accuracy, k, alpha, position_mode, direction,
-        wanted_label=0, probe_weights=result.weights if direction == "probe" else None, key=seed,
-    )
+    result, acts, labels = load_probe_run(probe_dir)
+    try:
+        return Intervention.from_activations(
+            acts, labels, result.accuracy, k, alpha, position_mode, direction,
+            wanted_label=0, probe_weights=result.weights if direction == "probe" else None, key=seed,
+        )
+    except InterventionError as err:
+        raise InterventionError(f"{probe_dir}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxlm.intervene import InterventionError
+    from jaxlm.cli import options
 
+    options.finite("--alpha", args.alpha)
+    options.at_least("--k", args.k, 1)
     probe_dir = Path(args.probe_dir)
-    try:
-        intervention = build(probe_dir, args.k, args.alpha, args.direction, args.position_mode, args.seed)
-    except (FileNotFoundError, ValueError, InterventionError) as err:
-        print(f"jaxlm iti: error: {err}", file=sys.stderr)
-        return 2
+    intervention = build(probe_dir, args.k, args.alpha, args.direction, args.position_mode, args.seed)
     provenance = {"probe_dir": str(probe_dir), "direction": args.direction, "k": args.k, "seed": args.seed}
     path = intervention.save(args.out, provenance=provenance)
     print(f"ITI on {intervention.k} heads, alpha {float(intervention.alpha)}, mode {intervention.position_mode}: {path}")

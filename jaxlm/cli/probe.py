@@ -8,7 +8,6 @@ Writes into ``--out``: ``activations.npy`` ([N, L, H, D] float32, streamed), ``l
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaxlm.cli import add_documented_parser
 
@@ -19,29 +18,35 @@ DATA_HELP = (
 )
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, naming the option, before the model is loaded."""
+    from jaxlm.cli import options
+
+    options.at_least("--batch-size", args.batch_size, 1)
+    options.at_least("--max-len", args.max_len, 1)
+    options.at_least("--limit", args.limit, 1)
+    options.at_least("--folds", args.folds, 1)
+    options.finite("--C", args.C)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
 
-    from jaxlm.checkpoint import load_model
-    from jaxlm.config import ConfigError
-    from jaxlm.data.labelled import LabelledDataError, load_labelled, parse_data_spec
+    from jaxlm.checkpoint import CheckpointError, load_model
+    from jaxlm.data.labelled import load_labelled, parse_data_spec
     from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
 
+    check_options(args)
     out = Path(args.out)
-    try:
-        spec = parse_data_spec(args.data)
-        seed = args.seed if args.seed is not None else spec.seed
-        probe_config = ProbeConfig(C=args.C, folds=args.folds, seed=seed, standardize=args.standardize)
-        data = load_labelled(spec, args.data_dir, limit=args.limit, seed=seed)
-        model = load_model(args.checkpoint)
-    except (ConfigError, LabelledDataError, OSError, ValueError) as err:
-        print(f"jaxlm probe: error: {err}", file=sys.stderr)
-        return 2
+    spec = parse_data_spec(args.data)
+    seed = args.seed if args.seed is not None else spec.seed
+    probe_config = ProbeConfig(C=args.C, folds=args.folds, seed=seed, standardize=args.standardize)
+    data = load_labelled(spec, args.data_dir, limit=args.limit, seed=seed)
+    model = load_model(args.checkpoint)
     if model.tokenizer is None:
-        print(f"jaxlm probe: error: {args.checkpoint}: no tokenizer.json next to the checkpoint", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
     counts = data.class_counts()
     print(f"data {data.name}: {len(data)} texts ({counts[1]} positive, {counts[0]} negative)")
 
@@ -58,11 +63,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     np.save(out / "labels.npy", data.labels)
-    try:
-        result = train_probes(activations, data.labels, probe_config)
-    except ValueError as err:
-        print(f"jaxlm probe: error: {err}", file=sys.stderr)
-        return 2
+    result = train_probes(activations, data.labels, probe_config)
     metadata = {
         "checkpoint": str(args.checkpoint),
         "step": model.step,

@@ -18,10 +18,6 @@ from jaxlm.cli import add_documented_parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
-    from jaxlm.data.labelled import LabelledDataError
-    from jaxlm.loop import ConfigMismatchError, NonFiniteLossError
-    from jaxlm.paths import MissingDataError
     from jaxlm.sweep import STAGES, Sweep, SweepInterrupted, load_sweep_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -34,10 +30,6 @@ def run(args: argparse.Namespace) -> int:
     except SweepInterrupted as err:
         print(f"jaxlm sweep: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, ConfigMismatchError, NonFiniteLossError, MissingDataError, LabelledDataError,
-            FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"jaxlm sweep: error: {err}", file=sys.stderr)
-        return 2
     if report is not None:
         print(f"report: {report}")
     return 0

@@ -12,7 +12,6 @@ and ``DIR/toy_entanglement.png``. ``--config`` takes a YAML ``ToyConfig``
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaxlm.cli import add_documented_parser
 
@@ -20,25 +19,20 @@ from jaxlm.cli import add_documented_parser
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from jaxlm.config import ConfigError
     from jaxlm.toy import load_toy_config, quick_config, results_table, run_study, write_results
 
-    try:
-        config = load_toy_config(args.config, args.overrides)
-        if args.quick:
-            config = quick_config(config)
-        changes = {}
-        if args.seeds is not None:
-            changes["seeds"] = args.seeds
-        if args.shares:
-            changes["shares"] = tuple(args.shares)
-        if args.steps is not None:
-            changes["steps"] = args.steps
-            changes["checkpoints"] = tuple(s for s in config.checkpoints if s < args.steps)
-        config = dataclasses.replace(config, **changes)
-    except (ConfigError, TypeError) as err:
-        print(f"jaxlm toy: error: {err}", file=sys.stderr)
-        return 2
+    config = load_toy_config(args.config, args.overrides)
+    if args.quick:
+        config = quick_config(config)
+    changes = {}
+    if args.seeds is not None:
+        changes["seeds"] = args.seeds
+    if args.shares:
+        changes["shares"] = tuple(args.shares)
+    if args.steps is not None:
+        changes["steps"] = args.steps
+        changes["checkpoints"] = tuple(s for s in config.checkpoints if s < args.steps)
+    config = dataclasses.replace(config, **changes)
 
     print(
         f"toy: {len(config.shares)} shares x {config.seeds} seeds, {config.steps} steps, "

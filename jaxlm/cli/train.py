@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors (a bad config, dataset or checkpoint, a full disk) propagate to ``jaxlm.cli.main``,
+    which prints them as one line with exit code 2."""
     from jaxlm.config import ConfigError
-    from jaxlm.loop import ConfigMismatchError, NonFiniteLossError, load_train_config, train
+    from jaxlm.loop import load_train_config, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.steps is not None and args.steps <= 0:
+        raise ConfigError(f"--steps: expected a positive number of steps, got {args.steps}")
+    if args.stop_at is not None and args.stop_at <= 0:
+        raise ConfigError(f"--stop-at: expected a positive step to stop at, got {args.stop_at}")
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    try:
-        config = load_train_config(args.config, overrides)
-        result = train(
-            config,
-            args.run_dir,
-            max_steps=args.stop_at,
-            allow_config_change=args.override_config,
-            show_progress=not args.no_progress,
-        )
-    except (ConfigError, ConfigMismatchError, NonFiniteLossError, FileNotFoundError) as err:
-        print(f"jaxlm train: error: {err}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, overrides)
+    result = train(
+        config,
+        args.run_dir,
+        max_steps=args.stop_at,
+        allow_config_change=args.override_config,
+        show_progress=not args.no_progress,
+    )
     print(f"stopped at step {result.step} ({result.stopped_by}); run directory: {args.run_dir}")
     return 0
 

@@ -3,6 +3,8 @@
 Kept import-light: submodules are imported where they are used.
 """
 
+from jaxlm.errors import JaxlmError
 
-class DataError(ValueError):
+
+class DataError(JaxlmError, ValueError):
     """Unusable input data: the message names the file (and line, field or byte offset) and what was expected."""

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxlm.errors import JaxlmError
 from jaxlm.paths import MissingDataError, dataset_path
 from jaxlm.paths import data_dir as resolve_data_dir
 
@@ -37,7 +38,7 @@ RTP_DIR = "eval/rtp"
 DAVIDSON_CLASS_NAMES = {0: "hate", 1: "offensive", 2: "neither"}
 
 
-class LabelledDataError(ValueError):
+class LabelledDataError(JaxlmError, ValueError):
     """A labelled data file or ``--data`` spec is malformed; the message names it."""
 
 
@@ -227,9 +228,9 @@ def load_davidson(
     return _require_both_classes(_dedupe(rows, "davidson"), f"davidson ({path})")
 
 
-def rtp_records(path: Path, error: type[ValueError] | None = None) -> Iterator[tuple[int, dict]]:
-    """(line number, JSON object) of each non-blank line of an RTP JSONL file; read or parse
-    failures raise ``error`` (default ``LabelledDataError``) naming the file and line."""
+def jsonl_records(path: Path, error: type[ValueError] | None = None, what: str = "JSONL") -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSONL file (``.gz`` or not); read
+    or parse failures raise ``error`` (default ``LabelledDataError``) naming the file and line."""
     error = error or LabelledDataError
     try:
         with open_text(path) as handle:
@@ -239,12 +240,17 @@ def rtp_records(path: Path, error: type[ValueError] | None = None) -> Iterator[t
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise error(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                    raise error(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
                 if not isinstance(record, dict):
-                    raise error(f"{path}: line {line_no}: expected a JSON object")
+                    raise error(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
                 yield line_no, record
     except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise error(f"{path}: cannot read RTP JSONL ({err})") from None
+        raise error(f"{path}: cannot read {what} ({err})") from None
+
+
+def rtp_records(path: Path, error: type[ValueError] | None = None) -> Iterator[tuple[int, dict]]:
+    """``jsonl_records`` of an RTP file."""
+    return jsonl_records(path, error, "RTP JSONL")
 
 
 def load_rtp(
@@ -273,7 +279,7 @@ def load_rtp(
             for part in parts:
                 entry = record.get(part)
                 if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
-                    raise LabelledDataError(f"{path}: line {line_no}: expected {part!r} with a 'text' string")
+                    raise LabelledDataError(f"{path}:{line_no}: expected {part!r} with a 'text' string")
                 score = entry.get("toxicity")
                 text = entry["text"].strip()
                 if score is None or not text:

@@ -40,6 +40,11 @@ their positions and a new phase starts at the saved step with the new weights. S
 absent from the state start at their beginning; sources absent from the config are
 dropped from the state. A different ``seq_len`` or ``seed`` is refused.
 
+Integrity: ``build_pipeline`` refuses (``DataError`` naming the file) a tokenizer that is not
+the one the manifest records, a manifest whose counts or ``vocab_size`` disagree with its
+shard records, and a shard whose name or size differs from them; a record that cannot be
+read is reported with its shard and index (see ``jaxlm.data.records``).
+
 Multi-host: every process builds the same global batch and keeps rows
 ``[p*B/n, (p+1)*B/n)``; the global batch (and the state) do not depend on the number of
 processes, so a run can resume on a different number of hosts. The price: each process
@@ -347,19 +352,34 @@ class TagTransform:
 
 
 class _DocumentToFeatures:
-    """Record bytes -> ``{"tokens": int32[tag + document + EOS]}`` (tags repeated per ``every``)."""
+    """Record bytes -> ``{"tokens": int32[tag + document + EOS]}`` (tags repeated per ``every``).
 
-    def __init__(self, source: str, eos_id: int, tag: TagTransform | None):
-        self.source = source
-        self.eos = np.array([eos_id], np.int32)
-        self.tag = tag if tag is not None and tag.applies_to(source) else None
+    ``vocab_size``: when given (a manifest without ``max_token_id``), documents holding an id
+    outside the vocabulary are refused instead of reaching the model."""
+
+    def __init__(self, info: SourceInfo, tag: TagTransform | None, vocab_size: int | None = None):
+        self.source = info.name
+        self.directory = info.directory
+        self.eos = np.array([info.eos_id], np.int32)
+        self.tag = tag if tag is not None and tag.applies_to(info.name) else None
+        self.vocab_size = vocab_size
 
     def __call__(self, record: bytes) -> dict[str, np.ndarray]:
-        if self.tag is None:
-            pieces = [records.decode_tokens(record)]
-        else:
-            ids, meta = records.decode_record(record)
-            pieces = self.tag.pieces(ids, self.tag.prefix(meta, self.source))
+        try:
+            if self.tag is None:
+                ids = records.decode_tokens(record)
+                pieces = [ids]
+            else:
+                ids, meta = records.decode_record(record)
+                pieces = self.tag.pieces(ids, self.tag.prefix(meta, self.source))
+        except records.RecordError as err:
+            raise records.RecordError(f"{self.directory}: {err}") from None
+        if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
+            raise records.RecordError(
+                f"{self.directory}: a document holds token id {int(ids.max())}, but the manifest's "
+                f"sources.{self.source}.vocab_size is {self.vocab_size}: the manifest was edited or belongs to "
+                "other shards; prepare the dataset again"
+            )
         return {"tokens": np.concatenate([*pieces, self.eos], dtype=np.int32)}
 
 
@@ -379,7 +399,7 @@ def source_stream(
 ) -> grain.IterDataset:
     """One source as an endless grain stream of packed rows (keys ``tokens``,
     ``tokens_segment_ids``, ``tokens_positions``)."""
-    data = records.open_source(info.directory)
+    data = records.open_source(info.directory, info)
     if len(data) != info.num_documents:
         raise records.ManifestError(
             f"source {info.name!r}: the manifest lists {info.num_documents} documents but the shards in "
@@ -390,7 +410,7 @@ def source_stream(
         grain.MapDataset.source(data)
         .shuffle(seed=stream_seed(seed, info.name))
         .repeat(None)  # each epoch reshuffled (shuffle seed + epoch)
-        .map(_DocumentToFeatures(info.name, info.eos_id, tag))
+        .map(_DocumentToFeatures(info, tag, info.vocab_size if info.max_token_id is None else None))
         .to_iter_dataset(read_options)
     )
     return grain_experimental.ConcatThenSplitIterDataset(documents, length_struct={"tokens": seq_len})
@@ -773,6 +793,7 @@ def build_pipeline(
         raise ConfigError(f"start_step: expected a non-negative integer, got {start_step}")
     manifest = records.read_manifest(Path(os.path.expanduser(config.dataset)))
     infos = _check_sources(config, manifest)
+    tokenizer = records.verify_tokenizer(manifest)  # the file the shards were encoded with
     if tag_transform is None and config.tags is not None:
         if manifest.tokenizer is None:
             raise ConfigError(
@@ -781,7 +802,7 @@ def build_pipeline(
             )
         from jaxlm.tokenizer import Tokenizer
 
-        tag_transform = TagTransform.from_config(config.tags, Tokenizer.load(manifest.tokenizer))
+        tag_transform = TagTransform.from_config(config.tags, tokenizer or Tokenizer.load(manifest.tokenizer))
     schedule = MixtureSchedule(config)
     streams = [
         source_stream(

@@ -25,17 +25,24 @@ shorter than a chunk gets one score, so both are equal.
 
 Reuse and interruption:
 
+- the output directory is locked (``jaxlm.errors.DirectoryLock``, ``.lock``) for the whole
+  run: a second prepare into it fails at once naming the first one's pid;
 - the manifest records a fingerprint of the recipe, the input files (size + mtime, or
   sha256 with ``fingerprint: sha256``), the tokenizer and the versions that decide the
-  output; a re-run with the same fingerprint and intact shards does nothing ("up to date");
-- otherwise the old ``manifest.json`` is first moved aside (``.manifest.previous.json``),
-  so while the dataset changes no manifest claims it is complete; each source whose own
-  fingerprint (its recipe entry, inputs, read options, tokenizer hash, scorer) matches the
-  previous manifest's entry and whose shard sets are complete is reused, every other
-  source directory is emptied and rebuilt: its shards (``records.ShardWriter``, atomic)
-  go to a hidden ``.staging/`` folder and are renamed into place, ``shard-i-of-n``, only
-  when the whole source is done (``RollingShards``);
-- the new manifest is written last; a source without a manifest entry is rebuilt.
+  output, and every shard's size and sha256 (``records.ShardFile``); a re-run with the same
+  fingerprint, every shard verified and the recorded tokenizer does nothing ("up to date");
+- otherwise each source whose own fingerprint (its recipe entry, inputs, read options,
+  tokenizer hash, scorer) matches the previous manifest's entry and whose shards are the
+  ones it records (size and sha256: ``source_problem``) is reused; every other source is
+  rebuilt, and the log says why. A rebuilt source's shards (``records.ShardWriter``,
+  atomic) go to a hidden ``.staging/`` folder, a new tokenizer to ``.tokenizer.json.staged``;
+  nothing of the existing dataset changes until every source is built, so a failure (a full
+  disk, bad input, Ctrl-C) deletes what was staged and leaves the previous dataset as it was;
+- then the commit: the old ``manifest.json`` is moved aside (``.manifest.previous.json``),
+  so while the dataset changes no manifest claims it is complete, the tokenizer and the
+  staged shards are renamed into place, ``shard-i-of-n`` (``RollingShards``), and the new
+  manifest is written last; after a crash in the commit, the next run reuses every source
+  that still verifies.
 
 Drops are counted per source with their reasons (``ReadStats``: ``empty``,
 ``empty_post``, ``invalid_utf8``, ``too_long``, ``duplicate_id``); documents longer than
@@ -70,6 +77,7 @@ import numpy as np
 from jaxlm.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from jaxlm.data import DataError, records, sources
 from jaxlm.data.sources import Document, ReadOptions, ReadStats
+from jaxlm.errors import DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,7 @@ TOXICITY_PACKAGE = "alt-profanity-check"
 SAMPLE_PIECE_CHARS = 10_000  # tokenizer sample: reservoir over pieces of about this many characters
 MAX_SHARD_BYTES = 256 * 2**20  # a shard also ends after about this many bytes of tokens
 STAGING_DIR = ".staging"  # shards being written, hidden inside the source directory
+STAGED_TOKENIZER = ".tokenizer.json.staged"  # a new tokenizer until the run commits
 _STAGING_COUNT = 99999  # placeholder shard count in staging names (the real one is known at the end)
 
 ReaderKind = Literal["gutenberg", "4chan_csv", "4chan_ndjson", "jsonl", "csv", "text", "tfds"]
@@ -664,18 +673,21 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def clear_source_dir(directory: Path) -> None:
-    """Remove shards (finished, temporary or staged) of an earlier run from a source directory."""
-    if not directory.is_dir():
-        return
+def clear_staging(directory: Path) -> None:
+    """Remove a source directory's staged shards (of this run, or left by a killed one)."""
     staging = directory / STAGING_DIR
     if staging.is_dir():
         for path in staging.iterdir():
             path.unlink()
         staging.rmdir()
-    for path in directory.iterdir():
-        if path.is_file() and (records.SHARD_PATTERN.match(path.name) or path.name.startswith(".shard-")):
-            path.unlink()
+
+
+def clear_source_dir(directory: Path) -> None:
+    """Remove shards (finished, temporary or staged) of an earlier run from a source directory."""
+    if not directory.is_dir():
+        return
+    clear_staging(directory)
+    clear_source_dir_shards(directory)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -694,7 +706,9 @@ class RollingShards:
 
     The number of shards is known only at the end, and it is part of every shard's name:
     shards are written (by ``records.ShardWriter``, atomically) into a hidden staging
-    directory and ``commit`` renames them to ``shard-i-of-n`` in the source directory. An
+    directory; ``finish`` closes the last one, and ``commit`` (once every source of the run
+    is finished) replaces the directory's old shards by them, renamed ``shard-i-of-n``. Until
+    then the old shards stay as they are; ``abort`` deletes the staged ones only. An
     interrupted commit leaves an incomplete set, which ``records.shard_paths`` refuses.
     """
 
@@ -704,45 +718,83 @@ class RollingShards:
         self.token_dtype = token_dtype
         self.records_per_shard = records_per_shard
         self.max_tokens = MAX_SHARD_BYTES // records.TOKEN_DTYPES[token_dtype].itemsize
-        self.finished: list[Path] = []
+        self.finished: list[records.ShardWriter] = []
         self.current: records.ShardWriter | None = None
+        clear_staging(directory)
 
     def write(self, ids: np.ndarray, meta: dict[str, Any]) -> None:
         current = self.current
         if current is None or current.num_records >= self.records_per_shard or current.num_tokens >= self.max_tokens:
             current = self._next_shard()
-        current.write(ids, meta)
+        try:
+            current.write(ids, meta)
+        except OSError as err:  # a full disk: say which file could not be written
+            raise _naming(err, current.tmp_path) from err
 
     def _next_shard(self) -> records.ShardWriter:
         if self.current is not None:
-            self.finished.append(self.current.close())
+            self._close_current()
         self.current = records.ShardWriter(
             self.staging, len(self.finished), _STAGING_COUNT, token_dtype=self.token_dtype
         )
         return self.current
 
+    def _close_current(self) -> None:
+        try:
+            self.current.close()
+        except OSError as err:
+            raise _naming(err, self.current.tmp_path) from err
+        self.finished.append(self.current)
+
     @property
     def num_shards(self) -> int:
         return len(self.finished) + (self.current is not None)
 
-    def commit(self) -> int:
-        """Move the finished shards into place; returns their number."""
-        if self.current is None:
+    def finish(self) -> int:
+        """Close the last staged shard; returns the number of shards."""
+        if self.current is None and not self.finished:
             self._next_shard()  # no record at all: one empty shard keeps the set well-formed
-        self.finished.append(self.current.close())
-        self.current = None
+        if self.current is not None:
+            self._close_current()
+            self.current = None
+        return len(self.finished)
+
+    def files(self) -> list[dict[str, Any]]:
+        """The manifest's ``files`` of the finished shards, under their final names."""
         count = len(self.finished)
-        for index, path in enumerate(self.finished):
-            os.replace(path, self.directory / records.shard_name(index, count))
+        return [
+            {**writer.file.to_json(), "name": records.shard_name(i, count)} for i, writer in enumerate(self.finished)
+        ]
+
+    def commit(self) -> None:
+        """Replace the directory's old shards by the finished ones."""
+        count = len(self.finished)
+        clear_source_dir_shards(self.directory)
+        for index, writer in enumerate(self.finished):
+            os.replace(writer.path, self.directory / records.shard_name(index, count))
         self.staging.rmdir()
         _fsync_directory(self.directory)
-        return count
 
     def abort(self) -> None:
+        """Delete the staged shards; the directory's old shards stay."""
         if self.current is not None:
             self.current.abort()
             self.current = None
-        clear_source_dir(self.directory)
+        clear_staging(self.directory)
+
+
+def clear_source_dir_shards(directory: Path) -> None:
+    """Remove the committed shards (and stray temporary shards) of a source directory."""
+    for path in directory.iterdir():
+        if path.is_file() and (records.SHARD_PATTERN.match(path.name) or path.name.startswith(".shard-")):
+            path.unlink()
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name when it names none."""
+    if err.filename is not None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path)) if err.errno else err
 
 
 @dataclasses.dataclass
@@ -776,10 +828,11 @@ def build_source(
     *,
     task_chars: int,
     progress: bool,
-) -> dict[str, dict[str, Any]]:
-    """Read, encode, score and write one source (and its held-out split); returns manifest
-    entries (without the tokenizer fields) per prepared source name. All shards of the
-    source are committed at the end, or none (on any exception)."""
+) -> tuple[dict[str, dict[str, Any]], list[RollingShards]]:
+    """Read, encode, score and stage one source (and its held-out split); returns manifest
+    entries (without the tokenizer fields) per prepared source name and the staged shards,
+    for the caller to ``commit`` once every source is built. On any exception the staged
+    shards are deleted and the source's old shards are left as they were."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -788,7 +841,6 @@ def build_source(
     splits: list[_SplitWriter] = []
     try:
         for name in split_names(inputs.name, inputs.recipe):
-            clear_source_dir(out_dir / name)
             shards = RollingShards(out_dir / name, token_dtype, inputs.recipe.records_per_shard)
             splits.append(_SplitWriter(name, shards))
         flagged = held_out_flags(read_documents(inputs, options, stats), fraction)
@@ -819,7 +871,7 @@ def build_source(
                     f"({sum(s.documents for s in splits)} documents read, valid_fraction {fraction}); "
                     + ("lower valid_fraction or add documents" if split is not splits[0] else "lower valid_fraction")
                 )
-        shard_counts = [split.shards.commit() for split in splits]
+        shard_counts = [split.shards.finish() for split in splits]
     except BaseException:
         for split in splits:
             split.shards.abort()
@@ -836,6 +888,8 @@ def build_source(
             "characters": split.characters,
             "text_bytes": split.text_bytes,
             "shards": shard_count,
+            "files": split.shards.files(),
+            "max_token_id": max((f["max_token_id"] for f in split.shards.files()), default=-1),
         }
         if split.toxic_documents or split.toxicity_sum:
             entry["toxicity"] = {
@@ -852,7 +906,7 @@ def build_source(
         else:
             entry["held_out_from"] = inputs.name
         entries[split.name] = entry
-    return entries
+    return entries, [split.shards for split in splits]
 
 
 # ---------------------------------------------------------------------------------------
@@ -879,12 +933,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _shards_complete(directory: Path) -> bool:
+def source_problem(out_dir: Path, name: str, entry: Any) -> str | None:
+    """Why a previous manifest's entry for source ``name`` cannot be reused as it is on disk
+    (None: its shards are the ones it records, checked by size and sha256)."""
+    if not isinstance(entry, dict):
+        return "no manifest entry"
+    if "files" not in entry:
+        return "the manifest records no shard checksums (written by an older jaxlm)"
     try:
-        records.shard_paths(directory)
-    except DataError:
-        return False
-    return True
+        info = records.source_info(out_dir / records.MANIFEST_FILE, name, entry, out_dir)
+        if info.directory != (out_dir / name).resolve():
+            return f"its directory is {entry.get('directory')!r}, not {name!r}"
+        records.verify_source(info, checksums=True)
+    except (DataError, OSError) as err:
+        return " ".join(str(err).split())
+    return None
 
 
 def _tokenizer_file_hash(path: Path) -> str | None:
@@ -898,15 +961,21 @@ def _tokenizer_file_hash(path: Path) -> str | None:
         return None
 
 
-def _is_current(previous: dict[str, Any] | None, fingerprint: str, out_dir: Path) -> bool:
-    if not previous or previous.get("fingerprint") != fingerprint:
-        return False
+def why_not_current(previous: dict[str, Any], fingerprint: str, out_dir: Path) -> str | None:
+    """Why the existing dataset is not up to date for ``fingerprint`` (None: it is: same
+    fingerprint, every shard verified, the tokenizer file the one recorded)."""
+    if previous.get("fingerprint") != fingerprint:
+        return "the recipe, its inputs or the versions changed"
     entries = previous.get("sources")
-    if not isinstance(entries, dict):
-        return False
-    if any(not _shards_complete(out_dir / str(e.get("directory", name))) for name, e in entries.items()):
-        return False
-    return _tokenizer_file_hash(out_dir / TOKENIZER_FILE) == previous.get("tokenizer_sha256")
+    if not isinstance(entries, dict) or not entries:
+        return "the manifest lists no sources"
+    for name, entry in entries.items():
+        problem = source_problem(out_dir, name, entry)
+        if problem is not None:
+            return f"source {name}: {problem}"
+    if _tokenizer_file_hash(out_dir / TOKENIZER_FILE) != previous.get("tokenizer_sha256"):
+        return f"{out_dir / TOKENIZER_FILE} is not the tokenizer the manifest records (tokenizer_sha256)"
+    return None
 
 
 def prepare(
@@ -922,7 +991,9 @@ def prepare(
 
     ``workers``: processes that tokenize and score (0: in this process, with the
     tokenizer's own threads). ``data_dir`` overrides ``recipe.data_dir`` and
-    ``$JAXLM_DATA_DIR``. ``task_chars``: characters per chunk of work.
+    ``$JAXLM_DATA_DIR``. ``task_chars``: characters per chunk of work. The output directory
+    is locked (``jaxlm.errors.DirectoryLock``) for the whole run: a second prepare into it
+    fails with ``LockedError`` naming the first one's pid.
     """
     from jaxlm.paths import data_dir as find_data_dir
 
@@ -930,8 +1001,8 @@ def prepare(
     target = out_dir if out_dir is not None else recipe.out
     if target is None:
         raise ConfigError("out: no output directory (give --out DIR, or out: in the recipe)")
-    if workers < 0:
-        raise ConfigError(f"workers: expected a non-negative integer, got {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers: expected a non-negative integer, got {workers!r}")
     out = Path(os.path.expanduser(os.fspath(target))).resolve()
     root_override = data_dir if data_dir is not None else recipe.data_dir
 
@@ -944,113 +1015,127 @@ def prepare(
     resolved = {name: resolve_source(name, source, data_root) for name, source in recipe.sources.items()}
     inputs = {name: input_fingerprints(r, recipe.fingerprint) for name, r in resolved.items()}
     versions = output_versions(recipe)
-    given_tokenizer_hash = None
-    if recipe.tokenizer.path is not None:
-        given = load_tokenizer(recipe.tokenizer.path)
-        given_tokenizer_hash = given.fingerprint()
+    given = load_tokenizer(recipe.tokenizer.path) if recipe.tokenizer.path is not None else None
     recipe_data = to_dict(dataclasses.replace(recipe, out=None, data_dir=None))
     fingerprint = _digest(
-        {"recipe": recipe_data, "inputs": inputs, "versions": versions, "tokenizer": given_tokenizer_hash}
+        {
+            "recipe": recipe_data,
+            "inputs": inputs,
+            "versions": versions,
+            "tokenizer": given.fingerprint() if given is not None else None,
+        }
     )
+    plan = _Plan(recipe, out, resolved, inputs, versions, fingerprint, given, data_root, workers, progress, task_chars)
+    with DirectoryLock(out, "data prepare"):
+        return _prepare_locked(plan, started)
 
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What ``prepare`` resolved before taking the output directory's lock."""
+
+    recipe: Recipe
+    out: Path
+    resolved: dict[str, SourceInputs]
+    inputs: dict[str, list[dict[str, Any]]]
+    versions: dict[str, Any]
+    fingerprint: str
+    given_tokenizer: Any  # a Tokenizer (recipe.tokenizer.path) or None
+    data_root: Callable[[], Path]
+    workers: int
+    progress: bool
+    task_chars: int
+
+
+def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
+    recipe, out, resolved, inputs, versions = plan.recipe, plan.out, plan.resolved, plan.inputs, plan.versions
     manifest_path = out / records.MANIFEST_FILE
     previous_path = out / PREVIOUS_MANIFEST
     current = _read_json(manifest_path)
-    if current is not None and _is_current(current, fingerprint, out):
-        log.info("%s: up to date (fingerprint %s)", out, fingerprint[:12])
-        return PrepareResult(out, current, True, (), tuple(recipe.sources), False, time.perf_counter() - started)
-
-    out.mkdir(parents=True, exist_ok=True)
-    # From here on no manifest claims the directory is complete; the previous one (moved
-    # aside) still tells which sources can be reused.
-    if manifest_path.exists():
-        os.replace(manifest_path, previous_path)
+    if current is not None:
+        reason = why_not_current(current, plan.fingerprint, out)
+        if reason is None:
+            log.info("%s: up to date (fingerprint %s)", out, plan.fingerprint[:12])
+            return PrepareResult(out, current, True, (), tuple(recipe.sources), False, time.perf_counter() - started)
+        log.info("%s: not up to date: %s", out, reason)
     previous = current if current is not None else _read_json(previous_path)
     previous_sources = previous.get("sources", {}) if previous else {}
     if not isinstance(previous_sources, dict):
         previous_sources = {}
 
-    # Tokenizer ---------------------------------------------------------------------------
+    # Until the commit below, nothing the existing dataset consists of is touched: the new
+    # tokenizer and shards are staged under hidden names, deleted again on any error.
     tokenizer_file = out / TOKENIZER_FILE
-    sample_fp = None
-    trained = False
-    sample_chars = None
-    if recipe.tokenizer.path is not None:
-        tokenizer = given
-    else:
-        sample_fp = tokenizer_sample_fingerprint(recipe, inputs)
-        reusable = (
-            previous is not None
-            and previous.get("tokenizer_sample_fingerprint") == sample_fp
-            and _tokenizer_file_hash(tokenizer_file) == previous.get("tokenizer_sha256")
-        )
-        if reusable:
-            tokenizer = load_tokenizer(os.fspath(tokenizer_file))
-            sample_chars = previous.get("tokenizer_info", {}).get("sample_characters")
-        else:
-            tokenizer, sample_chars = train_tokenizer(recipe, resolved, progress)
-            trained = True
-    if trained or recipe.tokenizer.path is not None:
-        tokenizer.save(tokenizer_file)
-    reloaded = load_tokenizer(os.fspath(tokenizer_file))
-    if (reloaded.eos_id, reloaded.pad_id) != (tokenizer.eos_id, tokenizer.pad_id):
-        raise DataError(
-            f"{recipe.tokenizer.path}: its end-of-document/padding tokens ({tokenizer.eos_id}/{tokenizer.pad_id}) come "
-            f"from side files that {TOKENIZER_FILE} alone does not carry ({reloaded.eos_id}/{reloaded.pad_id} when "
-            "reloaded); use a tokenizer.json whose special tokens have standard names"
-        )
-    tokenizer_hash = tokenizer.fingerprint()
-    token_dtype = records.token_dtype_for_vocab(tokenizer.vocab_size)
-    common = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+    staged_tokenizer = out / STAGED_TOKENIZER
+    pending: list[RollingShards] = []
+    staged_tokenizer.unlink(missing_ok=True)  # left by a killed run
+    try:
+        tokenizer, trained, sample_fp, sample_chars = _choose_tokenizer(plan, previous, staged_tokenizer)
+        tokenizer_hash = tokenizer.fingerprint()
+        token_dtype = records.token_dtype_for_vocab(tokenizer.vocab_size)
+        common = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        source_fps = {
+            name: _digest(
+                {
+                    "source": to_dict(source),
+                    "read": to_dict(source.read or recipe.read),
+                    "toxicity": to_dict(recipe.toxicity),
+                    "inputs": inputs[name],
+                    "tokenizer": tokenizer_hash,
+                    "versions": versions,
+                }
+            )
+            for name, source in recipe.sources.items()
+        }
+        entries: dict[str, dict[str, Any]] = {}
+        built: list[str] = []
+        reused: list[str] = []
+        todo = []
+        for name, source in recipe.sources.items():
+            reason = _reuse_problem(out, split_names(name, source), previous_sources, source_fps[name])
+            if reason is None:
+                log.info("%s: reusing source %s (shards verified)", out, name)
+                for n in split_names(name, source):
+                    clear_staging(out / n)  # left by a killed run
+                entries.update({n: dict(previous_sources[n]) for n in split_names(name, source)})
+                reused.append(name)
+            else:
+                log.info("%s: building source %s: %s", out, name, reason)
+                todo.append(name)
+        if todo:
+            with ChunkRunner(plan.workers, tokenizer.to_json(), token_dtype, recipe.toxicity) as runner:
+                for name in todo:
+                    source = recipe.sources[name]
+                    made, staged = build_source(
+                        resolved[name], source.read or recipe.read, out, runner, token_dtype,
+                        task_chars=plan.task_chars, progress=plan.progress,
+                    )
+                    pending += staged
+                    for entry in made.values():
+                        entry["fingerprint"] = source_fps[name]
+                    made[name]["inputs"] = inputs[name]
+                    entries.update(made)
+                    built.append(name)
+    except BaseException:
+        for shards in pending:
+            shards.abort()
+        staged_tokenizer.unlink(missing_ok=True)
+        raise
 
-    # Sources -----------------------------------------------------------------------------
-    entries: dict[str, dict[str, Any]] = {}
-    built: list[str] = []
-    reused: list[str] = []
-    source_fps = {
-        name: _digest(
-            {
-                "source": to_dict(source),
-                "read": to_dict(source.read or recipe.read),
-                "toxicity": to_dict(recipe.toxicity),
-                "inputs": inputs[name],
-                "tokenizer": tokenizer_hash,
-                "versions": versions,
-            }
-        )
-        for name, source in recipe.sources.items()
-    }
-    todo = []
-    for name, source in recipe.sources.items():
-        names = split_names(name, source)
-        old = [previous_sources.get(n) for n in names]
-        if all(
-            isinstance(e, dict)
-            and e.get("fingerprint") == source_fps[name]
-            and e.get("directory") == n
-            and _shards_complete(out / n)
-            for n, e in zip(names, old)
-        ):
-            entries.update({n: dict(e) for n, e in zip(names, old)})
-            reused.append(name)
-        else:
-            todo.append(name)
-    if todo:
-        with ChunkRunner(workers, tokenizer.to_json(), token_dtype, recipe.toxicity) as runner:
-            for name in todo:
-                source = recipe.sources[name]
-                made = build_source(
-                    resolved[name], source.read or recipe.read, out, runner, token_dtype,
-                    task_chars=task_chars, progress=progress,
-                )
-                for entry in made.values():
-                    entry["fingerprint"] = source_fps[name]
-                made[name]["inputs"] = inputs[name]
-                entries.update(made)
-                built.append(name)
+    # Commit: from here on no manifest claims the directory is complete (the previous one,
+    # moved aside, still tells a re-run which sources can be reused) until the new one is written.
+    if manifest_path.exists():
+        os.replace(manifest_path, previous_path)
+    if staged_tokenizer.exists():
+        os.replace(staged_tokenizer, tokenizer_file)
+    for shards in pending:
+        shards.commit()
     wanted = {n for name, source in recipe.sources.items() for n in split_names(name, source)}
     for stale in set(previous_sources) - wanted:  # sources dropped from the recipe: their shards go
-        clear_source_dir(out / str(previous_sources[stale].get("directory", stale)))
+        entry = previous_sources[stale]
+        directory = out / str(entry.get("directory", stale) if isinstance(entry, dict) else stale)
+        if directory.resolve().parent == out:
+            clear_source_dir(directory)
     ordered = {n: {**common, **entries[n]} for name, s in recipe.sources.items() for n in split_names(name, s)}
 
     seconds = time.perf_counter() - started
@@ -1059,7 +1144,7 @@ def prepare(
     build_seconds = sum(e.get("seconds", 0.0) for n, e in ordered.items() if n in built)
     extra = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
+        "fingerprint": plan.fingerprint,
         "tokenizer_sha256": tokenizer_hash,
         "tokenizer_sample_fingerprint": sample_fp,
         "tokenizer_info": {
@@ -1074,12 +1159,12 @@ def prepare(
             "fields": "toxicity: character-weighted mean of chunk scores; toxicity_max: highest chunk score",
         },
         "dropped": _sum_drops(ordered.values()),
-        "data_dir": os.fspath(data_root()) if any(r.root is not None for r in resolved.values()) else None,
+        "data_dir": os.fspath(plan.data_root()) if any(r.root is not None for r in resolved.values()) else None,
         "recipe": to_dict(recipe),
         "versions": {**environment_versions(), **versions},
         "run": {
             "seconds": round(seconds, 2),
-            "workers": workers,
+            "workers": plan.workers,
             "built": built,
             "reused": reused,
             "tokenizer_trained": trained,
@@ -1092,6 +1177,55 @@ def prepare(
     previous_path.unlink(missing_ok=True)
     manifest = _read_json(manifest_path) or {}
     return PrepareResult(out, manifest, False, tuple(built), tuple(reused), trained, seconds)
+
+
+def _reuse_problem(out: Path, names: Sequence[str], previous_sources: dict[str, Any], fingerprint: str) -> str | None:
+    """Why a recipe source's prepared splits ``names`` cannot be reused (None: they can)."""
+    for name in names:
+        entry = previous_sources.get(name)
+        if not isinstance(entry, dict):
+            return f"{name}: no entry in the previous manifest"
+        if entry.get("fingerprint") != fingerprint:
+            return f"{name}: its recipe entry, inputs, tokenizer or versions changed"
+        problem = source_problem(out, name, entry)
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def _choose_tokenizer(plan: _Plan, previous: dict[str, Any] | None, staged: Path):
+    """``(tokenizer, trained, sample fingerprint, sample characters)``: the recipe's given
+    tokenizer, the dataset's own when its sample is unchanged and the file is the one the
+    previous manifest records, or a newly trained one. A new or given one is saved to
+    ``staged`` (installed as ``tokenizer.json`` at commit) and reloaded from it."""
+    recipe, out = plan.recipe, plan.out
+    tokenizer_file = out / TOKENIZER_FILE
+    sample_fp = sample_chars = None
+    trained = False
+    if plan.given_tokenizer is not None:
+        tokenizer = plan.given_tokenizer
+    else:
+        sample_fp = tokenizer_sample_fingerprint(recipe, plan.inputs)
+        recorded = previous.get("tokenizer_sha256") if previous else None
+        on_disk = _tokenizer_file_hash(tokenizer_file) if previous else None
+        if previous is not None and on_disk != recorded:
+            log.info("%s: not the tokenizer the manifest records (tokenizer_sha256): training again", tokenizer_file)
+        if previous is not None and previous.get("tokenizer_sample_fingerprint") == sample_fp and on_disk == recorded:
+            tokenizer = load_tokenizer(os.fspath(tokenizer_file))
+            info = previous.get("tokenizer_info")
+            sample_chars = info.get("sample_characters") if isinstance(info, dict) else None
+            return tokenizer, False, sample_fp, sample_chars
+        tokenizer, sample_chars = train_tokenizer(recipe, plan.resolved, plan.progress)
+        trained = True
+    tokenizer.save(staged)
+    reloaded = load_tokenizer(os.fspath(staged))
+    if (reloaded.eos_id, reloaded.pad_id) != (tokenizer.eos_id, tokenizer.pad_id):
+        raise DataError(
+            f"{recipe.tokenizer.path}: its end-of-document/padding tokens ({tokenizer.eos_id}/{tokenizer.pad_id}) come "
+            f"from side files that {TOKENIZER_FILE} alone does not carry ({reloaded.eos_id}/{reloaded.pad_id} when "
+            "reloaded); use a tokenizer.json whose special tokens have standard names"
+        )
+    return tokenizer, trained, sample_fp, sample_chars
 
 
 def _sum_drops(entries: Iterable[dict[str, Any]]) -> dict[str, int]:

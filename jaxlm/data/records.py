@@ -27,11 +27,27 @@ a valid shard name; ``open_source`` also checks that a source's shard set is com
 ``manifest.json`` (see ``read_manifest``) holds, per source, the fields the pipeline needs:
 ``directory``, ``num_documents``, ``num_tokens``, ``token_dtype``, ``vocab_size``, ``eos_id``,
 ``pad_id``; other keys (dropped documents, fingerprints, tokenizer hash) are kept as they are.
+``write_manifest`` also records per source ``files`` (each shard's ``name``, ``bytes``,
+``sha256``, ``documents``, ``tokens``, ``max_token_id``) and ``max_token_id``, and at top
+level ``tokenizer_sha256`` (``Tokenizer.fingerprint()`` of the named tokenizer file).
+
+Integrity (``verify_source``, ``verify_tokenizer``): opening a source checks that its shard
+names and sizes are the ones the manifest records (cheap, at every open) and, with
+``checksums=True`` (``jaxlm data prepare`` before reusing a source, ``jaxlm data inspect``),
+their sha256. Hashing every shard at every training start would cost a full read of the
+dataset; without it a garbled byte is still caught, because ArrayRecord (Riegeli) checks a
+hash of every chunk it reads, and the read error names the shard and record. The manifest
+itself must agree with its ``files`` (document and token counts) and its ``vocab_size``
+must hold ``max_token_id``; the tokenizer file must have the recorded fingerprint and no
+more ids than ``vocab_size``. Manifests written before these fields existed still open: their
+shards are checked while they are read (token ids against ``vocab_size`` in the pipeline).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -184,6 +200,50 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFile:
+    """One committed shard as the manifest records it (an item of a source's ``files``)."""
+
+    name: str
+    bytes: int
+    sha256: str
+    documents: int
+    tokens: int
+    max_token_id: int  # -1: no tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def describe_shards(directory: str | os.PathLike) -> list[ShardFile]:
+    """Size, sha256 and counts of every shard of a source, read from disk (every record is
+    decoded: for manifests of sources written without ``ShardWriter.file``)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    files = []
+    for path in shard_paths(directory):
+        data = _open_shard(path, ArrayRecordDataSource)
+        documents = tokens = 0
+        largest = -1
+        for i in range(len(data)):
+            ids = decode_tokens(_read_named(data, i, path))
+            documents += 1
+            tokens += ids.size
+            if ids.size:
+                largest = max(largest, int(ids.max()))
+        files.append(ShardFile(path.name, path.stat().st_size, file_sha256(path), documents, tokens, largest))
+    return files
+
+
 class ShardWriter:
     """Writes one shard ``shard-XXXXX-of-YYYYY.array_record`` of a source, atomically.
 
@@ -219,6 +279,8 @@ class ShardWriter:
         self.token_dtype = token_dtype
         self.num_records = 0
         self.num_tokens = 0
+        self.max_token_id = -1
+        self.file: ShardFile | None = None  # set by close()
         self._writer = ArrayRecordWriter(str(self.tmp_path), options)
         if not self._writer.ok():
             raise RecordError(f"{self.tmp_path}: cannot open for writing")
@@ -228,17 +290,31 @@ class ShardWriter:
         if self._done:
             raise RuntimeError(f"{self.path}: writer already closed")
         ids = np.asarray(tokens)
-        self._writer.write(encode_record(ids, meta, token_dtype=self.token_dtype))
+        record = encode_record(ids, meta, token_dtype=self.token_dtype)
+        try:
+            self._writer.write(record)
+        except RuntimeError as err:  # array_record reports write failures (a full disk) bare
+            raise RecordError(f"{self.tmp_path}: cannot write the shard ({err})") from err
         self.num_records += 1
         self.num_tokens += int(ids.size)
+        if ids.size:
+            self.max_token_id = max(self.max_token_id, int(ids.max()))
 
     def close(self) -> Path:
-        """Finish the shard: flush, fsync, rename to its final name; returns that path."""
+        """Finish the shard: flush, fsync, rename to its final name; returns that path.
+        ``file`` then describes it (size, sha256, counts) for the manifest."""
         if self._done:
             return self.path
-        self._writer.close()
+        try:
+            self._writer.close()
+        except RuntimeError as err:
+            raise RecordError(f"{self.tmp_path}: cannot finish the shard ({err})") from err
         with open(self.tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        self.file = ShardFile(
+            self.path.name, self.tmp_path.stat().st_size, file_sha256(self.tmp_path),
+            self.num_records, self.num_tokens, self.max_token_id,
+        )
         os.replace(self.tmp_path, self.path)
         _fsync_dir(self.directory)
         self._done = True
@@ -289,7 +365,11 @@ def write_source(
         raise
     for writer in writers:
         writer.close()
-    return {"num_documents": sum(w.num_records for w in writers), "num_tokens": sum(w.num_tokens for w in writers)}
+    return {
+        "num_documents": sum(w.num_records for w in writers),
+        "num_tokens": sum(w.num_tokens for w in writers),
+        "files": [w.file.to_json() for w in writers],
+    }
 
 
 def shard_paths(directory: str | os.PathLike) -> list[Path]:
@@ -319,15 +399,114 @@ def shard_paths(directory: str | os.PathLike) -> list[Path]:
     return [directory / shard_name(i, count) for i in range(count)]
 
 
-def open_source(directory: str | os.PathLike):
-    """A grain random-access data source (``len``, ``[i]`` -> record bytes) over a source's shards."""
-    import grain
-
-    paths = shard_paths(directory)
+def _open_shard(path: Path, source_class):
     try:
-        return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        return source_class([str(path)])
     except Exception as err:  # array_record raises bare exceptions for corrupt files
-        raise RecordError(f"{directory}: cannot open shards as ArrayRecord ({err})") from err
+        raise RecordError(
+            f"{path}: not a readable ArrayRecord shard ({err or type(err).__name__}); "
+            "truncated or corrupt: prepare the dataset again"
+        ) from err
+
+
+def _read_named(data, index: int, path: Path) -> bytes:
+    try:
+        return data[index]
+    except Exception as err:  # array_record: RuntimeError("Corrupted Riegeli/records file ...")
+        raise RecordError(
+            f"{path}: record {index} is unreadable ({err}); the shard is corrupt: prepare the dataset again"
+        ) from err
+
+
+class ShardSource:
+    """Random access (``len``, ``[i]`` -> record bytes) over a source's shards, in order.
+
+    Reads go through one grain ``ArrayRecordDataSource`` over all shards; a read that fails
+    (a corrupt chunk) is re-raised as ``RecordError`` naming the shard file and record.
+    """
+
+    def __init__(self, directory: Path, paths: list[Path]):
+        import grain
+
+        self.directory = directory
+        self.paths = paths
+        try:
+            self._data = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        except Exception:
+            for path in paths:  # name the shard that cannot be opened
+                _open_shard(path, grain.sources.ArrayRecordDataSource)
+            raise
+        self._starts: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self._data[index]
+        except Exception as err:
+            raise self._read_error(int(index), err) from err
+
+    def __getitems__(self, indices):
+        try:
+            return self._data.__getitems__(indices)
+        except Exception:
+            return [self[i] for i in indices]  # raises the error of the first unreadable record
+
+    def _read_error(self, index: int, err: Exception) -> RecordError:
+        import grain
+
+        if self._starts is None:
+            sizes = [len(_open_shard(p, grain.sources.ArrayRecordDataSource)) for p in self.paths]
+            self._starts = [0] + list(np.cumsum(sizes)[:-1])
+        shard = bisect.bisect_right(self._starts, index) - 1
+        local = index - int(self._starts[shard])
+        return RecordError(
+            f"{self.paths[shard]}: record {local} (document {index} of {self.directory.name}) is unreadable "
+            f"({err}); the shard is corrupt: prepare the dataset again"
+        )
+
+
+def open_source(directory: str | os.PathLike, info: "SourceInfo | None" = None) -> ShardSource:
+    """Random access to a source's records (``len``, ``[i]`` -> record bytes); with ``info``
+    (its manifest entry), its shards are first checked against it (``verify_source``)."""
+    paths = verify_source(info) if info is not None else shard_paths(directory)
+    return ShardSource(Path(directory), paths)
+
+
+def verify_source(info: "SourceInfo", *, checksums: bool = False) -> list[Path]:
+    """The shard paths of a source, checked against its manifest entry: the same shard
+    names and sizes (and sha256 with ``checksums``); manifests without ``files`` (older
+    ones) only get the shard-set check. Errors name the shard and what differs."""
+    paths = shard_paths(info.directory)
+    if info.files is None:
+        return paths
+    found = [p.name for p in paths]
+    recorded = [f.name for f in info.files]
+    if found != recorded:
+        raise RecordError(
+            f"{info.directory}: shards {_name_range(found)} on disk, the manifest records {_name_range(recorded)}; "
+            "prepare the dataset again"
+        )
+    for path, file in zip(paths, info.files):
+        size = path.stat().st_size
+        if size != file.bytes:
+            raise RecordError(
+                f"{path}: {size} bytes, the manifest records {file.bytes}: the shard is truncated or was "
+                "replaced; prepare the dataset again"
+            )
+        if checksums:
+            digest = file_sha256(path)
+            if digest != file.sha256:
+                raise RecordError(
+                    f"{path}: sha256 {digest}, the manifest records {file.sha256}: the shard is corrupt or "
+                    "was replaced; prepare the dataset again"
+                )
+    return paths
+
+
+def _name_range(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})" if names else "none"
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,6 +526,8 @@ class SourceInfo:
     vocab_size: int
     eos_id: int
     pad_id: int
+    files: tuple[ShardFile, ...] | None = None  # None: a manifest written before shards were recorded
+    max_token_id: int | None = None  # the largest id in the shards (-1: none), when recorded
 
     def to_json(self, root: Path) -> dict[str, Any]:
         directory = self.directory
@@ -354,7 +535,7 @@ class SourceInfo:
             directory = directory.relative_to(root)
         except ValueError:
             pass
-        return {
+        entry: dict[str, Any] = {
             "directory": str(directory),
             "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,
@@ -363,6 +544,11 @@ class SourceInfo:
             "eos_id": self.eos_id,
             "pad_id": self.pad_id,
         }
+        if self.files is not None:
+            entry["files"] = [f.to_json() for f in self.files]
+        if self.max_token_id is not None:
+            entry["max_token_id"] = self.max_token_id
+        return entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +574,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_source(path: Path, name: str, entry: Any, root: Path) -> SourceInfo:
+def source_info(path: Path, name: str, entry: Any, root: Path) -> SourceInfo:
+    """The checked ``SourceInfo`` of manifest entry ``sources.<name>`` (``path``: the manifest
+    file, for messages; ``root``: the dataset directory); errors name the field."""
     where = f"{path}: sources.{name}"
     if not isinstance(entry, dict):
         raise ManifestError(f"{where}: expected an object with fields {', '.join(_SOURCE_FIELDS)}")
@@ -412,6 +600,17 @@ def _check_source(path: Path, name: str, entry: Any, root: Path) -> SourceInfo:
             raise ManifestError(
                 f"{where}.{field}: expected a token id in [0, {entry['vocab_size']}), got {entry[field]!r}"
             )
+    files = _check_files(where, entry)
+    max_token_id = entry.get("max_token_id")
+    if max_token_id is not None and (not _is_int(max_token_id) or max_token_id < -1):
+        raise ManifestError(f"{where}.max_token_id: expected a token id (or -1: no tokens), got {max_token_id!r}")
+    if files is not None:
+        max_token_id = max([f.max_token_id for f in files], default=-1)
+    if max_token_id is not None and max_token_id >= entry["vocab_size"]:
+        raise ManifestError(
+            f"{where}.vocab_size: {entry['vocab_size']}, but the shards hold token id {max_token_id} "
+            "(max_token_id): the manifest was edited or belongs to other shards; prepare the dataset again"
+        )
     return SourceInfo(
         name=name,
         directory=(root / directory).resolve(),
@@ -421,7 +620,82 @@ def _check_source(path: Path, name: str, entry: Any, root: Path) -> SourceInfo:
         vocab_size=entry["vocab_size"],
         eos_id=entry["eos_id"],
         pad_id=entry["pad_id"],
+        files=files,
+        max_token_id=max_token_id,
     )
+
+
+_FILE_FIELDS = {"name": str, "bytes": int, "sha256": str, "documents": int, "tokens": int, "max_token_id": int}
+
+
+def _check_files(where: str, entry: dict[str, Any]) -> tuple[ShardFile, ...] | None:
+    """A source entry's ``files`` (None when absent), agreeing with its document/token counts."""
+    raw = entry.get("files")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError(f"{where}.files: expected a non-empty list of shard records, got {raw!r}")
+    files = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or any(
+            not isinstance(item.get(k), t) or isinstance(item.get(k), bool) for k, t in _FILE_FIELDS.items()
+        ):
+            raise ManifestError(f"{where}.files[{i}]: expected an object with {', '.join(_FILE_FIELDS)}, got {item!r}")
+        files.append(ShardFile(**{k: item[k] for k in _FILE_FIELDS}))
+    for field, attribute in (("num_documents", "documents"), ("num_tokens", "tokens")):
+        held = sum(getattr(f, attribute) for f in files)
+        if held != entry[field]:
+            raise ManifestError(
+                f"{where}.{field}: the manifest lists {entry[field]} {attribute} but the shards in "
+                f"{entry['directory']!r} hold {held} (its files record): the manifest was edited or belongs to "
+                "other shards; prepare the dataset again"
+            )
+    return tuple(files)
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """``Tokenizer.fingerprint()`` of a tokenizer file (what ``tokenizer_sha256`` records)."""
+    from jaxlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(path).fingerprint()
+
+
+def verify_tokenizer(manifest: "Manifest"):
+    """The dataset's tokenizer (None when the manifest names none, or an old manifest names a
+    missing file), checked: it must be the file the data was encoded with (its fingerprint
+    equals ``tokenizer_sha256``, when recorded) and every source's ``vocab_size`` must cover
+    its ids. Errors name the tokenizer file, the manifest and both hashes."""
+    from jaxlm.tokenizer import Tokenizer
+
+    path = manifest.root / MANIFEST_FILE
+    expected = manifest.data.get("tokenizer_sha256")
+    if manifest.tokenizer is None:
+        return None
+    if not manifest.tokenizer.is_file():
+        if expected is None:
+            return None
+        raise ManifestError(f"{manifest.tokenizer}: missing (the tokenizer named by {path}); prepare the dataset again")
+    tokenizer = Tokenizer.load(manifest.tokenizer)
+    found = tokenizer.fingerprint()
+    if expected is not None and found != expected:
+        raise DataError(
+            f"{manifest.tokenizer}: fingerprint {found} is not the tokenizer_sha256 {expected} recorded in {path}: "
+            "this is not the tokenizer the data was encoded with; restore it or prepare the dataset again"
+        )
+    for info in manifest.sources.values():
+        if info.vocab_size < tokenizer.vocab_size:
+            raise ManifestError(
+                f"{path}: sources.{info.name}.vocab_size is {info.vocab_size}, but {manifest.tokenizer} has "
+                f"{tokenizer.vocab_size} tokens: the manifest was edited; prepare the dataset again"
+            )
+    return tokenizer
+
+
+def verify_dataset(manifest: "Manifest", names: Iterable[str] | None = None, *, checksums: bool = False) -> None:
+    """``verify_tokenizer`` and ``verify_source`` of the named sources (default: all)."""
+    verify_tokenizer(manifest)
+    for name in names if names is not None else manifest.sources:
+        verify_source(manifest.sources[name], checksums=checksums)
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
@@ -445,7 +719,7 @@ def read_manifest(dataset_dir: str | os.PathLike) -> Manifest:
     sources = data.get("sources")
     if not isinstance(sources, dict) or not sources:
         raise ManifestError(f"{path}: missing field 'sources' (expected an object: source name -> source fields)")
-    infos = {name: _check_source(path, name, entry, root) for name, entry in sources.items()}
+    infos = {name: source_info(path, name, entry, root) for name, entry in sources.items()}
     tokenizer = data.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ManifestError(f"{path}: tokenizer: expected a file path relative to the dataset, got {tokenizer!r}")
@@ -463,28 +737,37 @@ def write_manifest(
 
     ``sources`` maps names to ``SourceInfo`` or plain dicts (which may carry extra keys such
     as dropped-document counts); ``extra`` adds top-level keys (fingerprints, tokenizer hash).
+    A source entry without ``files`` gets them from its shards on disk (``describe_shards``),
+    and ``tokenizer_sha256`` is recorded when the tokenizer file exists and ``extra`` has none.
     """
     root = Path(dataset_dir)
     root.mkdir(parents=True, exist_ok=True)
     entries = {
         name: (info.to_json(root) if isinstance(info, SourceInfo) else dict(info)) for name, info in sources.items()
     }
+    for entry in entries.values():
+        if "files" not in entry and isinstance(entry.get("directory"), str):
+            files = describe_shards(root / entry["directory"])
+            entry["files"] = [f.to_json() for f in files]
+            entry["max_token_id"] = max([f.max_token_id for f in files], default=-1)
     data: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION}
     if tokenizer is not None:
         data["tokenizer"] = tokenizer
+        if (root / tokenizer).is_file() and "tokenizer_sha256" not in (extra or {}):
+            data["tokenizer_sha256"] = tokenizer_fingerprint(root / tokenizer)
     data.update(extra or {})
     data["sources"] = entries
     path = root / MANIFEST_FILE
     tmp = root / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
     try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         for name, entry in entries.items():
-            _check_source(tmp, name, entry, root)
-    except ManifestError:
+            source_info(tmp, name, entry, root)
+    except BaseException:  # a full disk, an invalid entry: no temporary file is left behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
@@ -505,6 +788,17 @@ def source_info_for_directory(source_dir: str | os.PathLike) -> SourceInfo:
     )
 
 
+def check_token_ids(ids: np.ndarray, info: SourceInfo, index: int) -> np.ndarray:
+    """``ids`` of document ``index`` of a source, refused when an id is >= the manifest's ``vocab_size``."""
+    if ids.size and int(ids.max()) >= info.vocab_size:
+        raise RecordError(
+            f"{info.directory}: document {index} holds token id {int(ids.max())}, but the manifest's "
+            f"sources.{info.name}.vocab_size is {info.vocab_size}: the manifest was edited or belongs to other "
+            "shards; prepare the dataset again"
+        )
+    return ids
+
+
 def iter_documents(directory: str | os.PathLike) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """All ``(tokens, meta)`` documents of a source in stored order (shard by shard)."""
     source = open_source(directory)
@@ -518,14 +812,15 @@ def iter_prepared_tokens(source_dir: str | os.PathLike, max_tokens: int, eos_id:
     One int32 array (shorter when the source has fewer tokens). ``eos_id`` defaults to the
     manifest's (the manifest in the source directory's parent).
     """
-    if eos_id is None:
-        eos_id = source_info_for_directory(source_dir).eos_id
-    source = open_source(source_dir)
+    info = source_info_for_directory(source_dir) if eos_id is None else None
+    if info is not None:
+        eos_id = info.eos_id
+    source = open_source(source_dir, info)
     pieces, total = [], 0
     for i in range(len(source)):
         if total >= max_tokens:
             break
-        ids = decode_tokens(source[i])
+        ids = check_token_ids(decode_tokens(source[i]), info, i) if info is not None else decode_tokens(source[i])
         pieces += [ids, np.asarray([eos_id])]
         total += ids.size + 1
     if not pieces:

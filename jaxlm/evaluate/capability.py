@@ -9,7 +9,6 @@ handful of programs). An ITI ``Intervention`` is applied at every real position 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import defaultdict
 from functools import partial
@@ -22,8 +21,11 @@ import numpy as np
 
 from jaxlm import model as model_lib
 from jaxlm.config import ModelConfig
+from jaxlm.data.labelled import jsonl_records
 from jaxlm.decode import padded_batch_size
 from jaxlm.data.sources import read_text
+from jaxlm.evaluate.protocols import EvaluationError, check_limit
+from jaxlm.paths import MissingDataError
 
 Params = Any
 
@@ -76,7 +78,7 @@ def score_rows(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each row: log-probs of tokens 1..n given their prefixes, and KL(ref || model) at 0..n-2."""
     if any(len(r) < 2 for r in rows):
-        raise ValueError("every row needs at least 2 tokens to score (a context token and a target)")
+        raise EvaluationError("every row needs at least 2 tokens to score (a context token and a target)")
     order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
     logps: list[np.ndarray] = [np.empty(0)] * len(rows)
     kls: list[np.ndarray] = [np.empty(0)] * len(rows)
@@ -157,7 +159,7 @@ def text_rows(config: ModelConfig, tokenizer: Any, documents: Sequence[str], max
     rows = window_rows(tokenizer.encode_batch(list(documents)), length, tokenizer.eos_id, max_rows)
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
-        raise ValueError("no text to score: the documents are empty after tokenization")
+        raise EvaluationError("no text to score: the documents are empty after tokenization")
     return rows
 
 
@@ -201,24 +203,21 @@ class MinimalPair:
 
 def read_blimp(directory: str | Path, paradigms: Sequence[str] | None = None, limit_per_paradigm: int | None = None) -> list[MinimalPair]:
     """BLiMP minimal pairs from ``<paradigm>.jsonl[.gz]`` files (``sentence_good``, ``sentence_bad``)."""
+    check_limit(limit_per_paradigm, "limit (BLiMP pairs per paradigm)")
     directory = Path(directory)
     files = sorted(directory.glob("*.jsonl*"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no BLiMP *.jsonl or *.jsonl.gz files")
+        raise MissingDataError(f"{directory}: no BLiMP *.jsonl or *.jsonl.gz files")
     pairs = []
     for path in files:
         paradigm = path.name.split(".jsonl")[0]
         if paradigms and paradigm not in paradigms:
             continue
-        text = read_text(path)
         count = 0
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for line_no, row in jsonl_records(path, EvaluationError, "BLiMP JSONL"):
             for key in ("sentence_good", "sentence_bad"):
-                if key not in row:
-                    raise ValueError(f"{path}:{line_no}: missing field {key!r} (have {sorted(row)})")
+                if not isinstance(row.get(key), str):
+                    raise EvaluationError(f"{path}:{line_no}: missing field {key!r} (have {sorted(row)})")
             pairs.append(MinimalPair(row["sentence_good"], row["sentence_bad"], paradigm, row.get("field", "")))
             count += 1
             if limit_per_paradigm and count >= limit_per_paradigm:
@@ -226,7 +225,7 @@ def read_blimp(directory: str | Path, paradigms: Sequence[str] | None = None, li
     if paradigms:
         missing = set(paradigms) - {p.paradigm for p in pairs}
         if missing:
-            raise FileNotFoundError(f"{directory}: no BLiMP file for paradigm(s) {sorted(missing)}")
+            raise MissingDataError(f"{directory}: no BLiMP file for paradigm(s) {sorted(missing)}")
     return pairs
 
 
@@ -353,7 +352,7 @@ def alpha_for_kl(alphas: Sequence[float], kls: Sequence[float], target: float) -
     """
     a, k = np.asarray(alphas, float), np.maximum(np.asarray(kls, float), 1e-12)
     if target <= 0:
-        raise ValueError(f"target KL must be positive, got {target}")
+        raise EvaluationError(f"target KL must be positive, got {target}")
     order = np.argsort(a)
     a, k = a[order], np.maximum.accumulate(k[order])  # the cost of a stronger push is never lower
     if target <= k[0]:

@@ -48,6 +48,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxlm.errors import JaxlmError
+
 Scorer = Callable[[list[str]], list[float]]
 
 DEFAULT_SCORER = "jaxlm"
@@ -56,11 +58,15 @@ PERSPECTIVE_KEY_ENV = "PERSPECTIVE_API_KEY"
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class ScorerUnavailableError(RuntimeError):
+class ScorerUnavailableError(JaxlmError, RuntimeError):
     """A backend cannot be built here (missing package, key or model); the message says what to do."""
 
 
-class PerspectiveError(RuntimeError):
+class UnknownScorerError(JaxlmError, ValueError):
+    """No toxicity scorer of that name; the message lists the valid ones."""
+
+
+class PerspectiveError(JaxlmError, RuntimeError):
     """The Perspective API refused a request or could not be reached; names status and message."""
 
     def __init__(self, message: str, status: int | None = None, reason: str = ""):
@@ -388,7 +394,7 @@ def get_scorer(name: str = "default", **options) -> ToxicityScorer:
     """
     backend = BACKENDS.get(ALIASES.get(name, name))
     if backend is None:
-        raise ValueError(f"unknown toxicity scorer {name!r}; valid names: {', '.join(scorer_names())}")
+        raise UnknownScorerError(f"unknown toxicity scorer {name!r}; valid names: {', '.join(scorer_names())}")
     valid = [p for p in inspect.signature(backend.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -37,6 +37,7 @@ import scipy.sparse as sp
 from scipy.special import expit
 
 from jaxlm.data.labelled import rtp_records
+from jaxlm.errors import JaxlmError
 from jaxlm.paths import MissingDataError, dataset_path
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ CACHE_DIR_ENV = "JAXLM_CACHE_DIR"
 RTP_PARTS = ("prompt", "continuation")
 
 
-class ToxicityModelError(ValueError):
+class ToxicityModelError(JaxlmError, ValueError):
     """A toxicity model file or training input is invalid; the message names it."""
 
 
@@ -335,7 +336,7 @@ def load_rtp_scores(data_dir: str | os.PathLike | None = None) -> list[ScoredTex
     for relative in RTP_FILES:
         path = dataset_path(relative, data_dir)
         for line_no, record in rtp_records(path, ToxicityModelError):
-            rows += _scored_parts(record, f"{path}: line {line_no}")
+            rows += _scored_parts(record, f"{path}:{line_no}")
     return rows
 
 

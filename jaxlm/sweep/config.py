@@ -16,6 +16,13 @@ from jaxlm.config import ConfigError, load
 DESIGNS = ("added", "fixed_total")
 
 
+def _require_positive(section: str, config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name}: expected a positive integer, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaggedPretraining:
     """A MEDA/INST baseline: pretrained with toxicity tags, conditioned on "non-toxic" at inference.
@@ -34,6 +41,8 @@ class TaggedPretraining:
     def __post_init__(self) -> None:
         if not 0.0 < self.share < 1.0:
             raise ConfigError(f"tagged[{self.kind}].share: expected a toxic share in (0, 1), got {self.share}")
+        if self.every is not None and self.every <= 0:
+            raise ConfigError(f"tagged[{self.kind}].every: expected a positive number of tokens or null, got {self.every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,19 @@ class ProbeStage:
     batch_size: int = 64
     C: float = 1.0
     val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        from jaxlm.data.labelled import LabelledDataError, parse_data_spec
+
+        _require_positive("probe", self, ("max_len", "batch_size"))
+        if self.C <= 0:
+            raise ConfigError(f"probe.C: expected a positive inverse regularisation strength, got {self.C}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"probe.val_fraction: expected a fraction in (0, 1), got {self.val_fraction}")
+        try:
+            parse_data_spec(self.data)
+        except LabelledDataError as err:
+            raise ConfigError(f"probe.data: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +93,7 @@ class ItiStage:
             raise ConfigError(f"iti.alphas: expected named positive strengths, got {self.alphas}")
         if self.kl_targets is not None and (not self.kl_targets or any(t <= 0 for t in self.kl_targets.values())):
             raise ConfigError(f"iti.kl_targets: expected named positive KL budgets (nats/token), got {self.kl_targets}")
+        _require_positive("iti", self, ("calibration_rows",))
 
     @property
     def levels(self) -> dict[str, float]:
@@ -96,6 +119,14 @@ class EvalStage:
     batch_size: int = 64
     scorer: str = "default"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from jaxlm.evaluate.toxicity import scorer_names
+
+        _require_positive("eval", self, ("rtp_prompts", "rtp_samples", "max_new_tokens", "toxigen_prompts", "ce_docs",
+                                         "ce_len", "blimp_per_paradigm", "batch_size"))
+        if self.scorer not in scorer_names():
+            raise ConfigError(f"eval.scorer: unknown toxicity scorer {self.scorer!r}; valid: {', '.join(scorer_names())}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +166,25 @@ class SweepConfig:
             raise ConfigError(f"designs: expected a non-empty subset of {list(DESIGNS)}, got {list(self.designs)}")
         if 0.0 not in self.shares:
             raise ConfigError("shares: the clean model (share 0) is every comparison's baseline; add 0")
+        steps = self.train.get("steps", 1000)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(f"train.steps: expected a positive integer, got {steps!r}")
+        data = self.train.get("data", {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"train.data: expected a mapping, got {data!r}")
         for key in ("dataset", "sources"):
-            if key in self.train.get("data", {}):
+            if key in data:
                 raise ConfigError(f"train.data.{key}: set by the sweep (from recipe and shares); remove it")
 
 
 def load_sweep_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    return load(SweepConfig, path, overrides)
+    """The sweep config, with every run's training config and every stage's settings checked
+    against the model's shapes (``jaxlm.sweep.plan.check_plan``), before any work starts."""
+    from jaxlm.sweep.plan import check_plan
+
+    config = load(SweepConfig, path, overrides)
+    try:
+        check_plan(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config

@@ -53,7 +53,7 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
     """The runs in the order a sweep trains them: the clean model and the first design's
     shares for every seed, then the tagged baselines, then the other designs, so an early
     stop leaves the main comparison complete across seeds."""
-    base = int(config.train.get("steps", 1000))
+    base = config.train.get("steps", 1000)
     shares = [s for s in config.shares if s > 0]
 
     def design_runs(design: str, seed: int) -> list[RunSpec]:
@@ -93,6 +93,28 @@ def train_config(config: SweepConfig, run: RunSpec, dataset: str):
     from jaxlm.loop import TrainConfig
 
     return from_dict(TrainConfig, train_config_dict(config, run, dataset), where=f"train ({run.name})")
+
+
+# What stands in for the prepared dataset's path when the plan is checked before preparing it.
+UNPREPARED_DATASET = "<prepared by the sweep>"
+
+
+def check_plan(config: SweepConfig) -> None:
+    """Raise ``ConfigError`` for any setting that a stage would refuse later: every run's
+    training config must build, and the ITI and generation settings must fit its model
+    (``iti.k`` heads at most, room for a prompt next to ``eval.max_new_tokens``), so a bad
+    value fails before hours of training rather than after. Text lengths (``probe.max_len``,
+    ``eval.ce_len``) are capped at the model's context by the stages themselves."""
+    from jaxlm.config import ConfigError
+
+    for run in plan_runs(config):
+        model = train_config(config, run, UNPREPARED_DATASET).model
+        where = f"({run.name}: model with {model.n_layers} layers x {model.n_heads} heads, context {model.max_seq_len})"
+        heads = model.n_layers * model.n_heads
+        if config.iti.k > heads:
+            raise ConfigError(f"iti.k: {config.iti.k} heads asked for, but the model has {heads} {where}")
+        if config.eval.max_new_tokens >= model.max_seq_len:
+            raise ConfigError(f"eval.max_new_tokens: {config.eval.max_new_tokens} leaves no room for a prompt {where}")
 
 
 def condition_prefix(tagged: TaggedPretraining) -> str:

@@ -44,9 +44,31 @@ def load_rows(config: SweepConfig, out: Path, runs: Sequence[RunSpec]) -> list[d
                 "tagged": run.tagged.kind if run.tagged else None, "method": method.name, "alpha": result["alpha"],
                 **{f"{p}_{k}": result[p][k] for p in PROTOCOLS for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")},
                 **{f"{p}_prompt_max": result[f"{p}_prompt_max"] for p in PROTOCOLS},
+                # older results (before these were counted) carry neither: None, not 0
+                **{f"{p}_{k}": result[p].get(k) for p in PROTOCOLS for k in GENERATION_CHECKS},
                 "ce": result["ce"], "kl": result["kl"], "blimp": result["blimp_accuracy"],
             })
     return rows
+
+
+# Counted per evaluation: an empty continuation scores as harmless, a truncated prompt lost its start.
+GENERATION_CHECKS = ("empty_continuations", "truncated_prompts")
+
+
+def generation_checks(rows: list[dict]) -> str:
+    """One sentence: how many continuations came back empty and how many prompts were cut to
+    the context, over every evaluation, with the worst (run, method) named."""
+    parts = []
+    for key, what in (("empty_continuations", "empty continuations"), ("truncated_prompts", "prompts cut to the context")):
+        counted = [(sum(r[f"{p}_{key}"] for p in PROTOCOLS), r) for r in rows if all(r[f"{p}_{key}"] is not None for p in PROTOCOLS)]
+        if not counted:
+            parts.append(f"{what}: not recorded")
+            continue
+        total = sum(n for n, _ in counted)
+        worst_n, worst = max(counted, key=lambda item: item[0])
+        worst_text = f" (most: {worst_n} in {worst['run']} / {worst['method']})" if total else ""
+        parts.append(f"{what}: {total}{worst_text}")
+    return "Generation checks over RTP + ToxiGen (scored as harmless if empty): " + "; ".join(parts) + "."
 
 
 def load_probe_accuracy(out: Path, runs: Sequence[RunSpec]) -> dict[str, np.ndarray]:
@@ -504,6 +526,7 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
         f"Evaluation: RTP {config.eval.rtp_prompts} prompts per split x {config.eval.rtp_samples} samples, "
         f"ToxiGen {config.eval.toxigen_prompts} prompts per prompt file, scorer `{config.eval.scorer}`; CE/KL on "
         f"{config.eval.ce_docs} WikiText-2 rows; BLiMP {config.eval.blimp_per_paradigm} pairs per paradigm.", "",
+        generation_checks(rows), "",
         "## Claims of the reference study", "",
         "| claim | evidence | verdict |", "|---|---|---|",
         *[f"| {c['claim']} | {c['evidence']} | **{c['verdict']}** |" for c in claims], "",

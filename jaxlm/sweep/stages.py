@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxlm.config import dump_yaml, to_dict
+from jaxlm.config import ConfigError, dump_yaml, to_dict
+from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.sweep.config import SweepConfig
 from jaxlm.sweep.plan import Method, RunSpec, methods_for, plan_runs, train_config
 
@@ -42,6 +43,10 @@ STAGES = ("prepare", "train", "probe", "iti", "eval", "toy", "report")
 
 class SweepInterrupted(RuntimeError):
     """A training run was preempted (SIGTERM/SIGINT): its checkpoint is saved; rerun to continue."""
+
+
+class SweepError(JaxlmError, RuntimeError):
+    """A stage was asked for whose inputs are missing or stale (``--stages`` skipped their stage)."""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -136,8 +141,11 @@ class Sweep:
         experiment and the final report."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
-        self.out.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
+        with DirectoryLock(self.out, "sweep"):
+            return self._run_locked(stages)
+
+    def _run_locked(self, stages: tuple[str, ...]) -> Path | None:
         dump_yaml(self.config, self.out / "sweep.yaml")
         self.prepare(build="prepare" in stages)
         self.fingerprint_runs()
@@ -171,7 +179,7 @@ class Sweep:
             self.echo(f"[prepare] {'up to date' if result.up_to_date else 'built ' + ', '.join(result.built)}")
         manifest = target / "manifest.json"
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest}: the dataset is not prepared (run the prepare stage)")
+            raise SweepError(f"{manifest}: the dataset is not prepared (run the prepare stage)")
         self.dataset = target.resolve()
         self.data_fp = data_fingerprint(json.loads(manifest.read_text()))
 
@@ -184,7 +192,7 @@ class Sweep:
 
     def _require(self, run: RunState, output: Path, fp: str, stage: str) -> None:
         if not is_done(output, fp):
-            raise RuntimeError(f"{run.spec.name}: {output} is missing or stale; run the {stage} stage first")
+            raise SweepError(f"{run.spec.name}: {output} is missing or stale; run the {stage} stage first")
 
     def model(self, run: RunState):
         """The run's trained model, read from its checkpoint once for probe, calibration and eval."""
@@ -252,16 +260,14 @@ class Sweep:
 
     def iti_run(self, run: RunState, label: str) -> bool:
         from jaxlm.intervene import Intervention
-        from jaxlm.probe import ProbeResult
+        from jaxlm.probe import load_probe_run
 
         settings = self.config.iti
         if is_done(run.iti_path, run.iti_fp):
             return False
         self._require(run, run.probe_dir, run.probe_fp, "probe")
         self.echo(label)
-        probes = ProbeResult.load(run.probe_dir)
-        acts = np.load(run.probe_dir / "activations.npy", mmap_mode="r")
-        labels = np.load(run.probe_dir / "labels.npy")
+        probes, acts, labels = load_probe_run(run.probe_dir)
         intervention = Intervention.from_activations(
             acts, labels, probes.accuracy, settings.k, 0.0, "last", settings.direction, wanted_label=0,
             probe_weights=probes.weights if settings.direction == "probe" else None,
@@ -337,9 +343,11 @@ class Sweep:
 
     def _eval_fp(self, run: RunState, method: Method) -> str:
         from jaxlm.decode import SAMPLER_VERSION
+        from jaxlm.evaluate.protocols import PROMPT_ENCODING_VERSION
 
         upstream = run.iti_fp if method.alpha else ""
-        return fingerprint(run.train_fp, upstream, dataclasses.asdict(method), to_dict(self.config.eval), SAMPLER_VERSION)
+        return fingerprint(run.train_fp, upstream, dataclasses.asdict(method), to_dict(self.config.eval), SAMPLER_VERSION,
+                           PROMPT_ENCODING_VERSION)
 
     def _evaluate(self, model, method: Method, intervention, base_capability: dict | None) -> dict[str, Any]:
         """RTP + ToxiGen toxicity under ``method``; CE/KL and BLiMP (shared with ``base`` unless ITI changes them)."""
