@@ -5,9 +5,14 @@ prompts (``prompt_mask`` or ``prompt_lengths`` say which tokens are real; ``left
 one from Python lists) and returns ``Generation(tokens [B, N], lengths [B], logprobs)``.
 
 Programs: one prefill and one decode loop per (batch, prompt length, ``max_new_tokens``,
-sampling settings, intervention mode). The intervention is an ordinary array argument;
-without one a zero intervention is passed, so baseline and intervened runs, and every alpha,
-share the compiled programs. The decode state (cache included) is donated to the loop.
+sampling settings, intervention structure: the sites, operations and position policies of
+its edits). The intervention (any ``jaxlm.intervene.Intervention``: decode knows no method)
+is an ordinary pytree argument, its arrays and scale dynamic; without one a zero ITI-shaped
+intervention is passed, so baseline and ITI runs, and every scale, share the compiled
+programs. Position policies are resolved here: the prefill touches the positions of
+``Intervention.for_prefill`` (``last``: the last real prompt token; ``all``/``prompt``: every
+real prompt token; ``generated``: none), each decode step its one new position unless the
+policy is ``prompt``. The decode state (cache included) is donated to the loop.
 
 Padding: pad slots get segment id 0 in the cache, so nothing attends to them, and positions
 count real tokens only (a row's first real token is position 0), so a row's continuation
@@ -297,8 +302,8 @@ def prefill(
 ) -> DecodeState:
     """Run the prompts through the model into a fresh cache and choose the first new token.
 
-    ``intervention=None`` compiles a program without the intervention site (``generate``
-    never does: it passes a zero intervention so that every alpha shares one program).
+    ``intervention=None`` compiles a program without edits (``generate`` never does: it
+    passes a zero intervention so that every scale shares one program).
     """
     _TRACES["prefill"] += 1
     b, p = tokens.shape
@@ -352,7 +357,7 @@ def decode(
     return jax.lax.while_loop(unfinished, step, state)
 
 
-def check_finite_logits(first_nonfinite: np.ndarray, alpha: float) -> None:
+def check_finite_logits(first_nonfinite: np.ndarray, scale: float) -> None:
     """``NonFiniteLogitsError`` for the first row whose logits held NaN or inf (``first_nonfinite`` [B], -1 = none)."""
     rows = np.flatnonzero(first_nonfinite >= 0)
     if rows.size == 0:
@@ -361,7 +366,7 @@ def check_finite_logits(first_nonfinite: np.ndarray, alpha: float) -> None:
     step = int(first_nonfinite[row])
     raise NonFiniteLogitsError(
         f"the model produced NaN or inf logits for batch row {row} at generated token {step} "
-        f"({rows.size} of {first_nonfinite.size} rows affected; intervention alpha {alpha:g}): "
+        f"({rows.size} of {first_nonfinite.size} rows affected; intervention scale {scale:g}): "
         "the parameters or the intervention overflow, so no text was generated",
         row, step,
     )
@@ -399,8 +404,8 @@ def generate(
     Prompts are left-padded: ``prompt_mask`` [B, P] (True = real token) or ``prompt_lengths``
     [B] (real tokens are the last ones of each row); neither means no padding.
     ``temperature`` 0 is greedy; otherwise ``rng`` (a key or an int seed) is required.
-    ``intervention``: an ``Intervention`` (ITI) applied per its position mode; its alpha
-    and arrays may change between calls without recompiling.
+    ``intervention``: any ``Intervention``, each edit applied per its position policy; its
+    scale and arrays may change between calls without recompiling.
     """
     settings = SamplingSettings(
         max_new_tokens=max_new_tokens,
@@ -430,14 +435,11 @@ def generate(
         intervention = Intervention.zeros(config)
     else:
         intervention.check_compatible(config)
-        intervention = Intervention.create(
-            intervention.directions, intervention.scales, intervention.head_mask, intervention.alpha,
-            intervention.position_mode,
-        )
+    intervention = intervention.program_form()
     state = prefill(params, tokens, mask, intervention, rng, config=config, settings=settings)
     if max_new_tokens > 1:
         state = decode(params, state, intervention, config=config, settings=settings)
-    check_finite_logits(np.asarray(state.first_nonfinite), float(intervention.alpha))
+    check_finite_logits(np.asarray(state.first_nonfinite), float(intervention.scale))
     return Generation(
         tokens=state.tokens, lengths=state.lengths, logprobs=state.logprobs if return_logprobs else None
     )

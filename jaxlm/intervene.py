@@ -1,20 +1,46 @@
-"""Inference-Time Intervention (ITI, Li et al. 2023) at the ``head_out`` site.
+"""Interventions: activation edits applied inside the model's forward, at its sites.
 
-An ``Intervention`` shifts selected heads' outputs (before the output projection) by
-``alpha * sigma[l, h] * direction[l, h]`` at the positions its ``position_mode`` names:
+An ``Intervention`` is a tuple of ``Edit``s and ONE scalar ``scale`` shared by all of them.
+Each edit has a static *site* (``head_out`` [B, T, H, D]; ``resid_pre``, ``resid_mid``,
+``resid_post`` [B, T, d_model]), a static *operation*, a layer mask ``[L]`` (and a head mask
+``[L, H]`` at ``head_out``), its per-layer arrays and a static *position policy*:
 
-  ``last``       the last real prompt position during prefill, then every generated position
-                 (what the honest_llama reference does: the last position of each forward call);
-  ``all``        every non-pad position, prompt and generated (the CE/KL side metric);
-  ``generated``  generated positions only (nothing during prefill).
+  ``add``      x += scale * v                      v: [L, H, D] (head_out) or [L, d]
+  ``project``  x -= scale * ((x . u) - c) u        u unit: [L, H, D] or [L, d]; c: [L, H] or [L]
+               (c = 0: directional ablation, Arditi et al. 2024; c = a class mean: clamp)
+  ``erase``    x -= scale * P (x - mu)             P: [L, d, d], mu: [L, d] (LEACE; residual sites)
 
-It is a pytree of arrays (directions ``[L, H, D]`` unit norm, scales ``[L, H]`` = sigma,
-head_mask ``[L, H]`` bool = the top-K heads, alpha ``[]``) plus the static mode, so a jitted
-decode program takes it as an ordinary argument: a new alpha or new directions never
-recompile, and alpha = 0 is exactly the un-intervened model.
+Position policies (which positions of each forward call an edit touches):
 
-Files: ``NAME.safetensors`` (arrays ``directions``, ``scales``, ``head_mask``) and a JSON
-sidecar ``NAME.json`` (``alpha``, ``position_mode``, ``k``, free-form ``provenance``).
+  ``last``       the last real position of the prefill, then every generated position: the
+                 last position of every forward call, the honest_llama ITI rule;
+  ``all``        every real position, prompt and generated (the CE/KL side metrics);
+  ``prompt``     the real prompt positions only (nothing during decoding);
+  ``generated``  generated positions only (nothing during the prefill).
+
+A plain forward over texts (scoring) counts as a prefill. ``scale = 0`` is exactly the
+identity for every operation, and the arrays and scale are ordinary pytree leaves, so a
+jitted prefill/decode program serves a whole strength sweep (and any arrays of the same
+shapes): only the static structure (sites, operations, policies) selects a program.
+``method`` (``iti``, ``caa``, ...) is provenance; ``program_form`` drops it so that methods
+with the same structure share programs. The model receives the per-call resolved form
+(``for_prefill``, ``for_decode_step``) and never knows which method built an edit.
+
+Builders (``BUILDERS``, ``build_intervention(method, acts, labels, **settings)``) make them from
+labelled activations: ``iti``, ``caa`` (Rimsky et al. 2024), ``ablate`` (Arditi et al. 2024),
+``leace`` (Belrose et al. 2023) and ``random`` (norm-matched random directions, the control).
+
+ITI (Li et al. 2023) is one ``add`` edit at ``head_out`` with ``v = sigma * direction`` and
+the top-K heads as head mask, at ``scale = alpha``: ``Intervention.create`` /
+``from_activations`` build it, and ``alpha``, ``k``, ``directions``, ``scales``,
+``head_mask``, ``head_shift`` read it.
+
+Files: ``NAME.safetensors`` + JSON sidecar ``NAME.json``. Format ``jaxlm-intervention-v2``:
+arrays ``edit{i}.{name}`` (the op's arrays, ``layer_mask``, ``head_mask``); the sidecar holds
+``format``, ``method``, ``scale``, ``edits`` (site, op, positions and array names per edit),
+``shape`` (the model dimensions the arrays fit), ``k`` and free-form ``provenance``. ITI
+files of format ``jaxlm-iti-v1`` (arrays ``directions``, ``scales``, ``head_mask``; sidecar
+``alpha``, ``position_mode``) still load.
 """
 
 from __future__ import annotations
@@ -22,48 +48,253 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxlm import concepts
 from jaxlm.config import ModelConfig
 from jaxlm.errors import JaxlmError
-from jaxlm.model import HeadIntervention, Params
+from jaxlm.model import EDIT_ARRAYS, EDIT_OPS, SITES, Params, ResolvedEdit, ResolvedIntervention
 
 Array = jax.Array
 
-POSITION_MODES = ("last", "all", "generated")
+OPS = EDIT_OPS
+RESIDUAL_SITES = tuple(site for site in SITES if site != "head_out")
+POSITIONS = ("last", "all", "prompt", "generated")
+POSITION_MODES = POSITIONS  # the ITI name of the same thing
 DIRECTION_KINDS = ("mass_mean", "probe", "random")
-FORMAT = "jaxlm-iti-v1"
-_ARRAY_NAMES = ("directions", "scales", "head_mask")
+FORMAT = "jaxlm-intervention-v2"
+FORMAT_V1 = "jaxlm-iti-v1"
+_V1_ARRAYS = ("directions", "scales", "head_mask")
+_AXIS_NAMES = {"L": "n_layers", "H": "n_heads", "D": "head_dim", "d": "d_model"}
 
 
 class InterventionError(JaxlmError, ValueError):
     """An intervention file or array is malformed or does not fit the model; says what and where."""
 
 
+def array_axes(site: str, name: str) -> str:
+    """The axes of array ``name`` of an edit at ``site``, one letter each (L layers, H heads,
+    D head_dim, d d_model)."""
+    if name == "layer_mask":
+        return "L"
+    if name == "head_mask":
+        return "LH"
+    if site == "head_out":
+        return {"v": "LHD", "u": "LHD", "c": "LH"}[name]
+    return {"v": "Ld", "u": "Ld", "c": "L", "P": "Ldd", "mu": "Ld"}[name]
+
+
+def model_axes(config: ModelConfig) -> dict[str, int]:
+    return {"L": config.n_layers, "H": config.n_heads, "D": config.resolved_head_dim, "d": config.d_model}
+
+
+# ---------------------------------------------------------------------------------------
+# Position policies
+# ---------------------------------------------------------------------------------------
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise InterventionError(f"position_mode: expected one of {', '.join(POSITIONS)}, got {positions!r}")
+
+
+def last_real_position(real: Array) -> Array:
+    """[B, T] bool: the last True of each row of ``real`` (none for an all-False row)."""
+    real = real.astype(bool)
+    t = real.shape[1]
+    last = (t - 1) - jnp.argmax(real[:, ::-1], axis=1)
+    return (jnp.arange(t)[None, :] == last[:, None]) & jnp.any(real, axis=1, keepdims=True)
+
+
+def prefill_positions(positions: str, prompt_mask: Array) -> Array:
+    """[B, T] bool: the positions of a forward over whole prompts (``prompt_mask``: real tokens)
+    that policy ``positions`` touches."""
+    real = jnp.asarray(prompt_mask).astype(bool)
+    if positions in ("all", "prompt"):
+        return real
+    if positions == "generated":
+        return jnp.zeros_like(real)
+    return last_real_position(real)
+
+
+def decode_positions(positions: str, batch_size: int) -> Array:
+    """[B, 1] bool: whether policy ``positions`` touches a decode step's one new position."""
+    return jnp.full((batch_size, 1), positions != "prompt")
+
+
+# ---------------------------------------------------------------------------------------
+# Edits
+# ---------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Edit:
+    """One operation at one site: ``arrays`` (EDIT_ARRAYS[op], float32, a leading layers axis),
+    ``layer_mask`` [L] bool, ``head_mask`` [L, H] bool at ``head_out`` (None elsewhere)."""
+
+    arrays: dict[str, Array]
+    layer_mask: Array
+    head_mask: Array | None
+    site: str = struct.field(pytree_node=False)
+    op: str = struct.field(pytree_node=False)
+    positions: str = struct.field(pytree_node=False, default="last")
+
+    @classmethod
+    def create(
+        cls, site: str, op: str, arrays: dict[str, Any], *, layer_mask: Any = None, head_mask: Any = None,
+        positions: str = "last",
+    ) -> "Edit":
+        """Validate and canonicalise (float32 arrays, bool masks): names the offending array."""
+        if site not in SITES:
+            raise InterventionError(f"site: expected one of {', '.join(SITES)}, got {site!r}")
+        if op not in OPS:
+            raise InterventionError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+        if op == "erase" and site == "head_out":
+            raise InterventionError(f"op erase: only at a residual site ({', '.join(RESIDUAL_SITES)}), got head_out")
+        _check_positions(positions)
+        wanted = EDIT_ARRAYS[op]
+        if set(arrays) != set(wanted):
+            raise InterventionError(f"{op} at {site}: expected arrays {list(wanted)}, got {sorted(arrays)}")
+        converted = {name: jnp.asarray(arrays[name], jnp.float32) for name in wanted}
+        main = converted[wanted[0]]
+        n_layers = main.shape[0] if main.ndim else 0
+        if layer_mask is None:
+            layer_mask = np.ones(n_layers, bool)
+        masks = {"layer_mask": jnp.asarray(layer_mask).astype(bool)}
+        if site == "head_out":
+            if head_mask is None:
+                head_mask = np.ones(main.shape[:2] if main.ndim >= 2 else (n_layers, 0), bool)
+            masks["head_mask"] = jnp.asarray(head_mask).astype(bool)
+        elif head_mask is not None:
+            raise InterventionError(f"head_mask: only edits at head_out have one, this edit is at {site}")
+        _check_consistent_shapes(site, {**converted, **masks})
+        for name, array in converted.items():
+            check_finite(name, array)
+        if op == "project":
+            _check_unit("u", converted["u"])
+        return cls(arrays=converted, layer_mask=masks["layer_mask"], head_mask=masks.get("head_mask"),
+                   site=site, op=op, positions=positions)
+
+    def named_arrays(self) -> dict[str, Array]:
+        """The op's arrays and the masks, by name (as saved)."""
+        masks = {"layer_mask": self.layer_mask}
+        if self.head_mask is not None:
+            masks["head_mask"] = self.head_mask
+        return {**self.arrays, **masks}
+
+    def gate(self) -> Array:
+        """[L] (residual) or [L, H] (head_out) float32: 1 where the edit acts."""
+        gate = self.layer_mask
+        if self.head_mask is not None:
+            gate = gate[:, None] & self.head_mask
+        return gate.astype(jnp.float32)
+
+    def units(self) -> int:
+        """Number of (layer, head) pairs (head_out) or layers (residual sites) the edit acts on."""
+        return int(np.sum(np.asarray(self.gate())))
+
+    def with_positions(self, positions: str) -> "Edit":
+        _check_positions(positions)
+        return self.replace(positions=positions)
+
+    def resolve(self, position_mask: Array) -> ResolvedEdit:
+        return ResolvedEdit(arrays=self.arrays, gate=self.gate(), position_mask=position_mask,
+                            site=self.site, op=self.op)
+
+
+def _check_consistent_shapes(site: str, arrays: dict[str, Array]) -> None:
+    """Every array has its axes (``array_axes``), and each axis letter one size across arrays."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, array in arrays.items():
+        axes = array_axes(site, name)
+        shape = tuple(array.shape)
+        if len(shape) != len(axes):
+            raise InterventionError(f"{name}: expected shape [{', '.join(axes)}] at {site}, got {shape}")
+        for letter, size in zip(axes, shape):
+            if letter in sizes and sizes[letter][0] != size:
+                want = tuple(sizes.get(a, (n, ""))[0] for a, n in zip(axes, shape))
+                raise InterventionError(
+                    f"{name}: expected shape [{', '.join(axes)}] = {want} (axis {letter} from "
+                    f"{sizes[letter][1]}), got {shape}"
+                )
+            sizes.setdefault(letter, (size, name))
+
+
+def _check_unit(name: str, u: Array) -> None:
+    """Directions to project along must be unit vectors (or zero, an unused layer)."""
+    if isinstance(u, jax.core.Tracer):
+        return
+    norms = np.linalg.norm(np.asarray(u, np.float64), axis=-1)
+    bad = ~((np.abs(norms - 1.0) <= 1e-3) | (norms == 0.0))
+    if bad.any():
+        raise InterventionError(
+            f"{name}: expected unit vectors (or zero) along the last axis; {int(bad.sum())} of {bad.size} "
+            f"have another norm (e.g. {float(norms[bad][0]):.4g})"
+        )
+
+
+def _per_layer(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, np.float32), shape).copy()
+
+
+def add_edit(site: str, v: Any, *, layer_mask: Any = None, head_mask: Any = None, positions: str = "all") -> Edit:
+    """``x += scale * v`` at ``site`` (v: [L, H, D] at head_out, [L, d_model] elsewhere)."""
+    return Edit.create(site, "add", {"v": v}, layer_mask=layer_mask, head_mask=head_mask, positions=positions)
+
+
+def project_edit(
+    site: str, u: Any, c: Any = 0.0, *, layer_mask: Any = None, head_mask: Any = None, positions: str = "all"
+) -> Edit:
+    """``x -= scale * ((x . u) - c) u``; ``u`` is normalised here, ``c`` (a number or [L] / [L, H]) broadcast."""
+    u = np.asarray(u, np.float32)
+    return Edit.create(site, "project", {"u": concepts.unit(u), "c": _per_layer(c, u.shape[:-1])},
+                       layer_mask=layer_mask, head_mask=head_mask, positions=positions)
+
+
+def erase_edit(site: str, P: Any, mu: Any, *, layer_mask: Any = None, positions: str = "all") -> Edit:
+    """``x -= scale * P (x - mu)`` at a residual site (P: [L, d, d], mu: [L, d])."""
+    return Edit.create(site, "erase", {"P": P, "mu": mu}, layer_mask=layer_mask, positions=positions)
+
+
+# ---------------------------------------------------------------------------------------
+# Interventions
+# ---------------------------------------------------------------------------------------
+
+
 @struct.dataclass
 class Intervention:
-    """ITI: ``head_out[l, :, t, h] += alpha * scales[l, h] * head_mask[l, h] * directions[l, h]``."""
+    """Edits sharing one strength: ``scale = 0`` is the identity, whatever the edits."""
 
-    directions: Array  # [L, H, D] float32, unit norm per head
-    scales: Array  # [L, H] float32: sigma, the spread of activations along the direction
-    head_mask: Array  # [L, H] bool: the intervened heads (top K)
-    alpha: Array  # [] float32: strength in units of sigma
-    position_mode: str = struct.field(pytree_node=False, default="last")
+    edits: tuple[Edit, ...]
+    scale: Array  # [] float32
+    method: str = struct.field(pytree_node=False, default="custom")
+
+    @classmethod
+    def from_edits(cls, edits: Sequence[Edit], scale: float | Array = 1.0, method: str = "custom") -> "Intervention":
+        edits = tuple(edits)
+        if not edits:
+            raise InterventionError("edits: an intervention needs at least one edit")
+        for i, edit in enumerate(edits):
+            if not isinstance(edit, Edit):
+                raise InterventionError(f"edits[{i}]: expected an Edit, got {type(edit).__name__}")
+        n_layers = {int(edit.layer_mask.shape[0]) for edit in edits}
+        if len(n_layers) > 1:
+            raise InterventionError(f"edits: layer masks of different lengths {sorted(n_layers)} (one model has one depth)")
+        return cls(edits=edits, scale=_scalar("scale", scale), method=method)
+
+    # -- ITI ---------------------------------------------------------------------------------
 
     @classmethod
     def create(
         cls, directions: Any, scales: Any, head_mask: Any, alpha: float | Array = 0.0, position_mode: str = "last"
     ) -> "Intervention":
-        """Build one with canonical dtypes (so equal shapes always share a compiled program)."""
-        if position_mode not in POSITION_MODES:
-            raise InterventionError(
-                f"position_mode: expected one of {', '.join(POSITION_MODES)}, got {position_mode!r}"
-            )
+        """ITI: ``head_out[l, :, t, h] += alpha * scales[l, h] * directions[l, h]`` on the heads of ``head_mask``."""
+        _check_positions(position_mode)
         directions = jnp.asarray(directions, jnp.float32)
         scales = jnp.asarray(scales, jnp.float32)
         head_mask = jnp.asarray(head_mask).astype(bool)
@@ -75,110 +306,186 @@ class Intervention:
                     f"{name}: expected shape [L, H] = {tuple(directions.shape[:2])} (from directions), "
                     f"got {tuple(array.shape)}"
                 )
-        alpha = jnp.asarray(alpha, jnp.float32)
-        if alpha.shape != ():
-            raise InterventionError(f"alpha: expected a scalar, got shape {tuple(alpha.shape)}")
-        for name, array in (("directions", directions), ("scales", scales), ("alpha", alpha)):
+        alpha = _scalar("alpha", alpha)
+        for name, array in (("directions", directions), ("scales", scales)):
             check_finite(name, array)
-        return cls(directions=directions, scales=scales, head_mask=head_mask, alpha=alpha, position_mode=position_mode)
+        edit = Edit.create("head_out", "add", {"v": scales[:, :, None] * directions}, head_mask=head_mask,
+                           positions=position_mode)
+        return cls(edits=(edit,), scale=alpha, method="iti")
 
     @classmethod
     def zeros(cls, config: ModelConfig, position_mode: str = "last") -> "Intervention":
-        """The identity (no heads, alpha 0) with the model's shapes: the baseline program's argument."""
+        """The identity (ITI-shaped: no heads, alpha 0) with the model's shapes: the baseline program's argument."""
         l, h, d = config.n_layers, config.n_heads, config.resolved_head_dim
         return cls.create(jnp.zeros((l, h, d)), jnp.zeros((l, h)), jnp.zeros((l, h), bool), 0.0, position_mode)
 
-    # -- shapes and conversions ------------------------------------------------------------
+    def _iti_edit(self) -> Edit:
+        if len(self.edits) != 1 or (self.edits[0].site, self.edits[0].op) != ("head_out", "add"):
+            structure = ", ".join(f"{e.op} at {e.site}" for e in self.edits)
+            raise InterventionError(f"expected an ITI intervention (one add edit at head_out), got: {structure}")
+        return self.edits[0]
+
+    @property
+    def directions(self) -> Array:
+        """[L, H, D] ITI directions (unit norm; zero where sigma is 0)."""
+        v = self._iti_edit().arrays["v"]
+        norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        return v / jnp.where(norm > 0, norm, 1.0)
+
+    @property
+    def scales(self) -> Array:
+        """[L, H] ITI sigmas (the norm of each head's shift per unit of alpha)."""
+        return jnp.linalg.norm(self._iti_edit().arrays["v"], axis=-1)
+
+    @property
+    def head_mask(self) -> Array:
+        """[L, H] bool: the heads an ITI intervention shifts."""
+        return self._iti_edit().gate().astype(bool)
+
+    def head_shift(self) -> Array:
+        """[L, H, D]: the ITI shift per unit of alpha on its heads (``scales * head_mask * directions``)."""
+        edit = self._iti_edit()
+        return edit.gate()[:, :, None] * edit.arrays["v"]
+
+    # -- strength, positions, structure ------------------------------------------------------
+
+    @property
+    def alpha(self) -> Array:
+        """The scale (ITI's alpha, in units of sigma)."""
+        return self.scale
+
+    def with_scale(self, scale: float | Array) -> "Intervention":
+        """The same edits at strength ``scale`` (a finite number; traced values pass unchecked)."""
+        return self.replace(scale=_scalar("scale", scale))
+
+    def with_alpha(self, alpha: float | Array) -> "Intervention":
+        return self.replace(scale=_scalar("alpha", alpha))
+
+    @property
+    def position_mode(self) -> str:
+        """The edits' position policy (policies joined by ``+`` when they differ)."""
+        policies = list(dict.fromkeys(edit.positions for edit in self.edits))
+        return "+".join(policies)
+
+    def with_mode(self, position_mode: str) -> "Intervention":
+        """Every edit with position policy ``position_mode``."""
+        return self.replace(edits=tuple(edit.with_positions(position_mode) for edit in self.edits))
+
+    with_positions = with_mode
 
     @property
     def k(self) -> int:
-        """Number of intervened heads."""
-        return int(np.sum(np.asarray(self.head_mask)))
+        """Units acted on: (layer, head) pairs of head_out edits plus layers of residual edits."""
+        return sum(edit.units() for edit in self.edits)
 
-    def with_alpha(self, alpha: float | Array) -> "Intervention":
-        """The same heads and directions at strength ``alpha`` (a finite number)."""
-        alpha = jnp.asarray(alpha, jnp.float32)
-        check_finite("alpha", alpha)
-        return self.replace(alpha=alpha)
+    def structure(self) -> tuple[tuple[str, str, str], ...]:
+        """(site, op, positions) per edit: what selects a compiled program."""
+        return tuple((e.site, e.op, e.positions) for e in self.edits)
 
-    def with_mode(self, position_mode: str) -> "Intervention":
-        return Intervention.create(self.directions, self.scales, self.head_mask, self.alpha, position_mode)
+    def program_form(self) -> "Intervention":
+        """Canonical dtypes and no method name: equal structures and shapes share compiled programs."""
+        edits = tuple(
+            e.replace(arrays={n: jnp.asarray(a, jnp.float32) for n, a in e.arrays.items()},
+                      layer_mask=jnp.asarray(e.layer_mask).astype(bool),
+                      head_mask=None if e.head_mask is None else jnp.asarray(e.head_mask).astype(bool))
+            for e in self.edits
+        )
+        return Intervention(edits=edits, scale=jnp.asarray(self.scale, jnp.float32), method="")
 
-    def head_shift(self) -> Array:
-        """``[L, H, D]``: ``scales * head_mask * directions``, the shift per unit of alpha."""
-        gate = self.scales * self.head_mask.astype(jnp.float32)
-        return gate[:, :, None] * self.directions
+    # -- the per-call form the model applies -------------------------------------------------
 
-    def as_head_intervention(self, position_mask: Array) -> HeadIntervention:
-        """The model-level shift for one forward call whose shifted positions are ``position_mask`` [B, T]."""
-        return HeadIntervention(shift=self.head_shift(), position_mask=position_mask.astype(bool), scale=self.alpha)
+    def resolve(self, position_mask_for: Callable[[str], Array]) -> ResolvedIntervention:
+        """Each edit on ``position_mask_for(its policy)`` [B, T]."""
+        return ResolvedIntervention(
+            edits=tuple(e.resolve(position_mask_for(e.positions)) for e in self.edits), scale=self.scale
+        )
 
     def prefill_positions(self, prompt_mask: Array) -> Array:
-        """[B, T] bool: the prompt positions this mode shifts (``prompt_mask`` marks real tokens)."""
-        prompt_mask = prompt_mask.astype(bool)
-        if self.position_mode == "all":
-            return prompt_mask
-        if self.position_mode == "generated":
-            return jnp.zeros_like(prompt_mask)
-        t = prompt_mask.shape[1]
-        last = (t - 1) - jnp.argmax(prompt_mask[:, ::-1], axis=1)  # last real position per row
-        return (jnp.arange(t)[None, :] == last[:, None]) & jnp.any(prompt_mask, axis=1, keepdims=True)
+        """[B, T] bool: the prompt positions the (single) policy touches (``prompt_mask``: real tokens)."""
+        if "+" in self.position_mode:
+            raise InterventionError(f"prefill_positions: the edits have several policies ({self.position_mode})")
+        return prefill_positions(self.position_mode, prompt_mask)
 
-    def for_prefill(self, prompt_mask: Array) -> HeadIntervention:
-        """The shift for a forward over whole prompts (also a plain forward over texts, e.g. mode ``all``)."""
-        return self.as_head_intervention(self.prefill_positions(prompt_mask))
+    def for_prefill(self, prompt_mask: Array) -> ResolvedIntervention:
+        """The edits of a forward over whole prompts (or a plain forward over texts)."""
+        return self.resolve(lambda positions: prefill_positions(positions, prompt_mask))
 
-    def for_decode_step(self, batch_size: int) -> HeadIntervention:
-        """The shift for one decode step (one new position per row): every mode shifts it."""
-        return self.as_head_intervention(jnp.ones((batch_size, 1), bool))
+    def for_decode_step(self, batch_size: int) -> ResolvedIntervention:
+        """The edits of one decode step (one new position per row)."""
+        return self.resolve(lambda positions: decode_positions(positions, batch_size))
 
-    # -- checks and files ------------------------------------------------------------------
+    def for_sequence(self, prompt_mask: Array, n_generated: int) -> ResolvedIntervention:
+        """The edits of one uncached forward over prompts + ``n_generated`` generated tokens that
+        touches the positions a prefill and its decode steps touch."""
+        b = prompt_mask.shape[0]
+        return self.resolve(lambda positions: jnp.concatenate(
+            [prefill_positions(positions, prompt_mask), jnp.broadcast_to(decode_positions(positions, b), (b, n_generated))],
+            axis=1,
+        ))
+
+    def at_positions(self, position_mask: Array) -> ResolvedIntervention:
+        """Every edit on ``position_mask`` [B, T], whatever its policy."""
+        mask = jnp.asarray(position_mask).astype(bool)
+        return self.resolve(lambda _: mask)
+
+    as_head_intervention = at_positions  # the name of the ITI-only days
+
+    # -- checks and files --------------------------------------------------------------------
 
     def check_compatible(self, config: ModelConfig) -> None:
         """Raise ``InterventionError`` naming each array axis that does not match the model."""
-        expected = {
-            "L": ("n_layers", config.n_layers),
-            "H": ("n_heads", config.n_heads),
-            "D": ("head_dim", config.resolved_head_dim),
-        }
-        problems = []
-        for name, axes in (("directions", "LHD"), ("scales", "LH"), ("head_mask", "LH")):
-            shape = tuple(getattr(self, name).shape)
-            if len(shape) != len(axes):
-                problems.append(f"{name} has shape {shape}, expected [{', '.join(axes)}]")
-                continue
-            for axis, (letter, size) in enumerate(zip(axes, shape)):
-                field, want = expected[letter]
-                if size != want:
-                    problems.append(
-                        f"{name} axis {axis} ({letter}) is {size} but the model has {field}={want}"
-                    )
-        if problems:
-            model_shape = (config.n_layers, config.n_heads, config.resolved_head_dim)
-            raise InterventionError(
-                f"intervention of shape [L, H, D] = {tuple(self.directions.shape)} does not fit the model's "
-                f"{model_shape}: " + "; ".join(problems)
-            )
+        want = model_axes(config)
+        messages = []
+        for i, edit in enumerate(self.edits):
+            problems = []
+            for name, array in edit.named_arrays().items():
+                axes, shape = array_axes(edit.site, name), tuple(array.shape)
+                if len(shape) != len(axes):
+                    problems.append(f"edit{i}.{name} has shape {shape}, expected [{', '.join(axes)}]")
+                    continue
+                for axis, (letter, size) in enumerate(zip(axes, shape)):
+                    if size != want[letter]:
+                        problems.append(
+                            f"edit{i}.{name} axis {axis} ({letter}) is {size} but the model has "
+                            f"{_AXIS_NAMES[letter]}={want[letter]}"
+                        )
+            if problems:
+                axes = array_axes(edit.site, EDIT_ARRAYS[edit.op][0])
+                shape = tuple(edit.arrays[EDIT_ARRAYS[edit.op][0]].shape)
+                model_shape = tuple(want[a] for a in axes)
+                messages.append(
+                    f"edit {i} ({edit.op} at {edit.site}) of shape [{', '.join(axes)}] = {shape} does not fit "
+                    f"the model's {model_shape}: " + "; ".join(problems)
+                )
+        if messages:
+            raise InterventionError(" | ".join(messages))
 
     def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-        """Write ``path`` (.safetensors) and its ``.json`` sidecar; returns the .safetensors path."""
+        """Write ``path`` (.safetensors) and its ``.json`` sidecar (format v2); returns the .safetensors path."""
         from safetensors.numpy import save_file
 
         path = _safetensors_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "directions": np.asarray(self.directions, np.float32),
-            "scales": np.asarray(self.scales, np.float32),
-            "head_mask": np.asarray(self.head_mask, bool),
-        }
+        arrays, edits, shape = {}, [], {}
+        for i, edit in enumerate(self.edits):
+            names = {}
+            for name, array in edit.named_arrays().items():
+                key = f"edit{i}.{name}"
+                value = np.asarray(array)
+                arrays[key] = value.astype(bool) if name.endswith("_mask") else value.astype(np.float32)
+                names[name] = key
+                for letter, size in zip(array_axes(edit.site, name), value.shape):
+                    shape[_AXIS_NAMES[letter]] = int(size)
+            edits.append({"site": edit.site, "op": edit.op, "positions": edit.positions, "arrays": names})
         save_file(arrays, str(path))
-        l, h, d = arrays["directions"].shape
         sidecar = {
             "format": FORMAT,
-            "alpha": float(self.alpha),
+            "method": self.method,
+            "scale": float(self.scale),
+            "edits": edits,
             "position_mode": self.position_mode,
             "k": self.k,
-            "shape": {"n_layers": l, "n_heads": h, "head_dim": d},
+            "shape": shape,
             "provenance": provenance or {},
         }
         sidecar_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
@@ -186,7 +493,7 @@ class Intervention:
 
     @classmethod
     def load(cls, path: str | Path, config: ModelConfig | None = None) -> "Intervention":
-        """Read a saved intervention; with ``config``, also check it fits that model."""
+        """Read a saved intervention (v2, or an ITI v1 file); with ``config``, also check it fits that model."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -197,22 +504,16 @@ class Intervention:
             arrays = load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise InterventionError(f"{path}: not a readable safetensors file ({err})") from err
-        missing = [name for name in _ARRAY_NAMES if name not in arrays]
-        if missing:
-            raise InterventionError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
         meta = read_sidecar(path)
-        for field in ("alpha", "position_mode"):
-            if field not in meta:
-                raise InterventionError(f"{sidecar_path(path)}: missing field {field!r}")
-        alpha = meta["alpha"]
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise InterventionError(f"{sidecar_path(path)}: alpha: expected a finite number, got {alpha!r}")
-        try:
-            intervention = cls.create(
-                arrays["directions"], arrays["scales"], arrays["head_mask"], meta["alpha"], meta["position_mode"]
+        fmt = meta.get("format")
+        if fmt == FORMAT_V1:
+            intervention = _load_v1(path, arrays, meta)
+        elif fmt == FORMAT:
+            intervention = _load_v2(path, arrays, meta)
+        else:
+            raise InterventionError(
+                f"{sidecar_path(path)}: format: expected {FORMAT!r} (or {FORMAT_V1!r}), got {fmt!r}"
             )
-        except InterventionError as err:
-            raise InterventionError(f"{path}: {err}") from err
         if config is not None:
             try:
                 intervention.check_compatible(config)
@@ -220,7 +521,7 @@ class Intervention:
                 raise InterventionError(f"{path}: {err}") from err
         return intervention
 
-    # -- construction from activations -----------------------------------------------------
+    # -- ITI from activations ----------------------------------------------------------------
 
     @classmethod
     def from_activations(
@@ -271,6 +572,14 @@ class Intervention:
         return cls.create(directions, sigma_along(acts, directions), top_k_heads(accuracy, k), alpha, position_mode)
 
 
+def _scalar(name: str, value: Any) -> Array:
+    value = jnp.asarray(value, jnp.float32)
+    if value.shape != ():
+        raise InterventionError(f"{name}: expected a scalar, got shape {tuple(value.shape)}")
+    check_finite(name, value)
+    return value
+
+
 # ---------------------------------------------------------------------------------------
 # Directions, scales, heads
 # ---------------------------------------------------------------------------------------
@@ -289,37 +598,28 @@ def check_finite(name: str, array: Any) -> None:
         raise InterventionError(f"{name}: expected finite numbers, got {what}")
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    """Unit norm along the last axis; an all-zero vector stays zero."""
-    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.where(norm > 0, norm, 1.0)).astype(np.float32)
-
-
-def _check_acts(acts: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+def _check_acts(acts: Any, labels: Any, layout: str = "[N, L, H, D]") -> tuple[np.ndarray, np.ndarray]:
+    """``acts`` of ``layout`` (head activations, or residual ``[N, L, d_model]``) and labels ``[N]``."""
     acts, labels = np.asarray(acts), np.asarray(labels)
-    if acts.ndim != 4:
-        raise InterventionError(f"acts: expected shape [N, L, H, D], got {acts.shape}")
+    if acts.ndim != layout.count(",") + 1:
+        raise InterventionError(f"acts: expected shape {layout}, got {acts.shape}")
     if labels.shape != (acts.shape[0],):
         raise InterventionError(f"labels: expected shape [N] = ({acts.shape[0]},), got {labels.shape}")
     return acts, labels
 
 
 def _class_mean_difference(acts: np.ndarray, labels: np.ndarray, wanted_label: int) -> np.ndarray:
-    wanted = labels == wanted_label
-    if not wanted.any() or wanted.all():
-        raise InterventionError(
-            f"labels: need examples of both the wanted label {wanted_label} and another label, "
-            f"got {int(wanted.sum())} wanted of {len(labels)}"
-        )
-    mean_wanted = acts[wanted].astype(np.float64).mean(axis=0)
-    mean_other = acts[~wanted].astype(np.float64).mean(axis=0)
-    return mean_wanted - mean_other
+    """``concepts.mean_difference`` with its errors as ``InterventionError``."""
+    try:
+        return concepts.mean_difference(acts, labels, wanted_label)
+    except concepts.ConceptError as err:
+        raise InterventionError(str(err)) from None
 
 
 def mass_mean_directions(acts: Any, labels: Any, wanted_label: int = 0) -> np.ndarray:
     """[L, H, D] unit vectors: mean activation of the wanted class minus that of the rest."""
     acts, labels = _check_acts(acts, labels)
-    return _unit(_class_mean_difference(acts, labels, wanted_label))
+    return concepts.unit(_class_mean_difference(acts, labels, wanted_label))
 
 
 def probe_directions(probe_weights: Any) -> np.ndarray:
@@ -327,7 +627,7 @@ def probe_directions(probe_weights: Any) -> np.ndarray:
     weights = np.asarray(probe_weights, np.float64)
     if weights.ndim != 3:
         raise InterventionError(f"probe_weights: expected shape [L, H, D], got {weights.shape}")
-    return _unit(weights)
+    return concepts.unit(weights)
 
 
 def random_directions(key: Array | int, n_layers: int, n_heads: int, head_dim: int) -> Array:
@@ -346,8 +646,7 @@ def sigma_along(acts: Any, directions: Any) -> np.ndarray:
         raise InterventionError(
             f"sigma_along: acts {acts.shape} and directions {directions.shape} must be [N, L, H, D] and [L, H, D]"
         )
-    projections = np.einsum("nlhd,lhd->nlh", acts.astype(np.float64), directions)
-    return projections.std(axis=0).astype(np.float32)
+    return concepts.sigma_along(acts, directions)
 
 
 def top_k_heads(accuracy: Any, k: int) -> np.ndarray:
@@ -370,18 +669,27 @@ def top_k_heads(accuracy: Any, k: int) -> np.ndarray:
 
 
 def output_bias(config: ModelConfig, params: Params, intervention: Intervention) -> Array:
-    """[L, d_model]: ``sum_h W_o[l, h] . (alpha * shift)[l, h]``, the shift folded through the output projection."""
+    """[L, d_model]: ``scale * sum_h W_o[l, h] . (gate * v)[l, h]`` over the ``add`` edits at ``head_out``,
+    folded through the output projection."""
     intervention.check_compatible(config)
-    shift = intervention.alpha * intervention.head_shift()
-    w_out = params["layers"]["attention"]["out"]  # [L, H, D, d_model]
-    return jnp.einsum("lhd,lhdm->lm", shift, w_out.astype(jnp.float32))
+    w_out = params["layers"]["attention"]["out"].astype(jnp.float32)  # [L, H, D, d_model]
+    bias = jnp.zeros((config.n_layers, config.d_model), jnp.float32)
+    for i, edit in enumerate(intervention.edits):
+        if (edit.site, edit.op) != ("head_out", "add"):
+            raise InterventionError(
+                f"edit {i} ({edit.op} at {edit.site}): only add edits at head_out fold into the output-projection bias"
+            )
+        shift = intervention.scale * edit.gate()[:, :, None] * edit.arrays["v"]
+        bias = bias + jnp.einsum("lhd,lhdm->lm", shift, w_out)
+    return bias
 
 
 def bake_into_params(config: ModelConfig, params: Params, intervention: Intervention) -> Params:
     """Params whose attention adds ``output_bias`` after the output projection (``out_bias`` [L, d_model]).
 
-    Equivalent to ``intervention`` in mode ``all`` on every position (padding included,
-    which nothing attends to). The input is not modified; an existing ``out_bias`` is added to.
+    Equivalent to ``intervention`` with position policy ``all`` on every position (padding
+    included, which nothing attends to). The input is not modified; an existing ``out_bias``
+    is added to.
     """
     bias = output_bias(config, params, intervention)
     attention = dict(params["layers"]["attention"])
@@ -407,7 +715,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The sidecar of a saved intervention (alpha, position_mode, k, shape, provenance)."""
+    """The sidecar of a saved intervention (format, method, scale, edits, k, shape, provenance)."""
     meta_path = sidecar_path(path)
     if not meta_path.is_file():
         raise InterventionError(f"{meta_path}: missing JSON sidecar of {_safetensors_path(path)}")
@@ -418,3 +726,256 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise InterventionError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return meta
+
+
+def _finite_number(meta_path: Path, meta: dict[str, Any], field: str) -> float:
+    if field not in meta:
+        raise InterventionError(f"{meta_path}: missing field {field!r}")
+    value = meta[field]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InterventionError(f"{meta_path}: {field}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _load_v1(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Intervention:
+    """An ITI file of format ``jaxlm-iti-v1``."""
+    missing = [name for name in _V1_ARRAYS if name not in arrays]
+    if missing:
+        raise InterventionError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
+    if "position_mode" not in meta:
+        raise InterventionError(f"{sidecar_path(path)}: missing field 'position_mode'")
+    alpha = _finite_number(sidecar_path(path), meta, "alpha")
+    try:
+        return Intervention.create(
+            arrays["directions"], arrays["scales"], arrays["head_mask"], alpha, meta["position_mode"]
+        )
+    except InterventionError as err:
+        raise InterventionError(f"{path}: {err}") from err
+
+
+def _load_v2(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Intervention:
+    meta_path = sidecar_path(path)
+    scale = _finite_number(meta_path, meta, "scale")
+    specs = meta.get("edits")
+    if not isinstance(specs, list) or not specs:
+        raise InterventionError(f"{meta_path}: edits: expected a non-empty list of edits, got {specs!r}")
+    method = meta.get("method", "custom")
+    if not isinstance(method, str):
+        raise InterventionError(f"{meta_path}: method: expected a string, got {method!r}")
+    for key, array in arrays.items():
+        if array.dtype != bool:
+            try:
+                check_finite(key, array)
+            except InterventionError as err:
+                raise InterventionError(f"{path}: {err}") from err
+    edits = []
+    for i, spec in enumerate(specs):
+        where = f"{meta_path}: edits[{i}]"
+        if not isinstance(spec, dict):
+            raise InterventionError(f"{where}: expected an object, got {spec!r}")
+        for field, valid in (("site", SITES), ("op", OPS), ("positions", POSITIONS)):
+            if spec.get(field) not in valid:
+                raise InterventionError(f"{where}.{field}: expected one of {', '.join(valid)}, got {spec.get(field)!r}")
+        names = spec.get("arrays")
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise InterventionError(f"{where}.arrays: expected an object of array names, got {names!r}")
+        absent = sorted(v for v in names.values() if v not in arrays)
+        if absent:
+            raise InterventionError(f"{path}: missing array(s) {absent} (named by {where}); found {sorted(arrays)}")
+        values = {name: arrays[key] for name, key in names.items()}
+        masks = {name: values.pop(name) for name in ("layer_mask", "head_mask") if name in values}
+        try:
+            edits.append(Edit.create(spec["site"], spec["op"], values, positions=spec["positions"], **masks))
+        except InterventionError as err:
+            raise InterventionError(f"{path}: edit{i}: {err}") from err
+    try:
+        return Intervention.from_edits(edits, scale, method)
+    except InterventionError as err:
+        raise InterventionError(f"{path}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------
+# Builders: labelled activations -> Intervention, one function per method
+# ---------------------------------------------------------------------------------------
+#
+# A builder is ``(acts, labels, *, settings) -> Intervention`` with keyword-only settings and
+# their defaults; ``BUILDERS`` maps a method name to it and ``build_intervention`` is the one
+# entry point. ``acts`` are captured at the site the method needs (``BUILDER_SITE`` /
+# ``builder_site``): [N, L, H, D] at head_out (iti), [N, L, d_model] at a residual site.
+# Labels are binary; directions point toward ``wanted_label`` (0 = non-toxic in jaxlm's
+# labelled sets). Adding a method is one builder function and one ``BUILDERS`` line.
+
+
+def _check_residual_acts(acts: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    acts, labels = _check_acts(acts, labels, "[N, L, d_model] (residual activations)")
+    check_finite("acts", acts)
+    return acts, labels
+
+
+def _check_layer(layer: int | None, n_layers: int) -> int:
+    """``layer`` (None: the middle layer ``L // 2``) as an index in ``[0, L)``."""
+    if layer is None:
+        return n_layers // 2
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layers:
+        raise InterventionError(
+            f"layer: expected an integer in [0, {n_layers - 1}] (the model has {n_layers} layers), got {layer!r}"
+        )
+    return int(layer)
+
+
+def _check_residual_site(site: str) -> None:
+    if site not in RESIDUAL_SITES:
+        raise InterventionError(f"site: expected a residual site ({', '.join(RESIDUAL_SITES)}), got {site!r}")
+
+
+def _one_layer(n_layers: int, layer: int) -> np.ndarray:
+    return np.arange(n_layers) == layer
+
+
+def build_iti(
+    acts: Any, labels: Any, *, accuracy: Any, k: int = 30, direction: str = "mass_mean", probe_weights: Any = None,
+    positions: str = "last", wanted_label: int = 0, seed: int = 0, scale: float = 8.0,
+) -> Intervention:
+    """ITI (Li et al. 2023): ``add`` at head_out on the ``k`` heads of best probe ``accuracy`` [L, H],
+    ``v = sigma * direction`` (mass-mean, probe or random), at ``scale = alpha`` (units of sigma);
+    ``Intervention.from_activations``'s numbers."""
+    acts, labels = _check_acts(acts, labels)
+    n_units = acts.shape[1] * acts.shape[2]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_units:
+        raise InterventionError(f"k: expected an integer in [1, L*H = {n_units}], got {k!r}")
+    return Intervention.from_activations(
+        acts, labels, accuracy, int(k), scale, positions, direction, wanted_label=wanted_label,
+        probe_weights=probe_weights, key=seed,
+    )
+
+
+def build_caa(
+    acts: Any, labels: Any, *, layer: int | None = None, site: str = "resid_pre", positions: str = "all",
+    wanted_label: int = 0, scale: float = 1.0,
+) -> Intervention:
+    """Contrastive activation addition (Rimsky et al. 2024; ActAdd): ``add`` the class mean difference
+    (wanted minus other) of the residual ``acts`` [N, L, d] at ``layer`` (default: the middle one), at
+    that layer only, on prompt and generated positions; ``scale`` is the multiplier."""
+    acts, labels = _check_residual_acts(acts, labels)
+    _check_residual_site(site)
+    n_layers = acts.shape[1]
+    layer = _check_layer(layer, n_layers)
+    v = np.zeros(acts.shape[1:], np.float32)
+    v[layer] = concepts.mean_difference(acts[:, layer], labels, wanted_label)
+    edit = add_edit(site, v, layer_mask=_one_layer(n_layers, layer), positions=positions)
+    return Intervention.from_edits([edit], scale, method="caa")
+
+
+def ablation_edits(u: Any, n_layers: int, positions: str = "all") -> list[Edit]:
+    """``project`` of the one direction ``u`` [d] (c = 0) at every residual write: the embedding
+    (``resid_pre`` of layer 0), each attention output (``resid_mid``) and each MLP output
+    (``resid_post``): nothing the model writes keeps a component along ``u``."""
+    every = np.broadcast_to(concepts.unit(u), (n_layers, np.shape(u)[-1]))
+    return [project_edit("resid_pre", every, layer_mask=_one_layer(n_layers, 0), positions=positions),
+            project_edit("resid_mid", every, positions=positions),
+            project_edit("resid_post", every, positions=positions)]
+
+
+def build_ablate(
+    acts: Any, labels: Any, *, layer: int | None = None, site: str = "resid_pre", positions: str = "all",
+    wanted_label: int = 0, scale: float = 1.0,
+) -> Intervention:
+    """Directional ablation (Arditi et al. 2024): the unit mean-difference direction of the residual
+    ``acts`` [N, L, d] (read at ``site``) at ``layer`` (default: the middle one), projected out of
+    every residual write (``ablation_edits``) at every position."""
+    acts, labels = _check_residual_acts(acts, labels)
+    _check_residual_site(site)
+    layer = _check_layer(layer, acts.shape[1])
+    u = concepts.mean_difference(acts[:, layer], labels, wanted_label)
+    if not np.linalg.norm(u) > 0:
+        raise InterventionError(f"acts: the two classes have the same mean at layer {layer}: no direction to ablate")
+    return Intervention.from_edits(ablation_edits(u, acts.shape[1], positions), scale, method="ablate")
+
+
+def build_leace(
+    acts: Any, labels: Any, *, layer: int | None = None, site: str = "resid_pre", positions: str = "all",
+    ridge: float = 0.0, shrinkage: bool = False, scale: float = 1.0,
+) -> Intervention:
+    """LEACE (Belrose et al. 2023): the eraser fitted on the residual ``acts`` [N, L, d] at ``layer``
+    (default: the middle one), an ``erase`` edit ``x -= scale * P (x - mu)`` at that layer only."""
+    acts, labels = _check_residual_acts(acts, labels)
+    _check_residual_site(site)
+    n_layers, d = acts.shape[1], acts.shape[2]
+    layer = _check_layer(layer, n_layers)
+    eraser = concepts.leace_fit(acts[:, layer], labels, ridge=ridge, shrinkage=shrinkage)
+    P, mu = np.zeros((n_layers, d, d), np.float32), np.zeros((n_layers, d), np.float32)
+    P[layer], mu[layer] = eraser.P, eraser.mu
+    edit = erase_edit(site, P, mu, layer_mask=_one_layer(n_layers, layer), positions=positions)
+    return Intervention.from_edits([edit], scale, method="leace")
+
+
+RANDOM_BASES = ("iti", "caa", "ablate")
+
+
+def build_random(acts: Any, labels: Any, *, base: str = "iti", seed: int = 0, **base_settings: Any) -> Intervention:
+    """The control: ``base``'s intervention (iti, caa or ablate, built with ``base_settings``) with its
+    directions replaced by isotropic random ones of the same norms (``concepts.norm_matched_random``,
+    deterministic in ``seed``): the same edits, masks, positions and scale."""
+    if base not in RANDOM_BASES:
+        raise InterventionError(f"base: expected one of {', '.join(RANDOM_BASES)}, got {base!r}")
+    built = build_intervention(base, acts, labels, **base_settings)
+    if base == "ablate":
+        edit = built.edits[0]
+        u = concepts.norm_matched_random(np.asarray(edit.arrays["u"][0]), seed)
+        edits = ablation_edits(u, edit.layer_mask.shape[0], edit.positions)
+    else:
+        (edit,) = built.edits
+        v = concepts.norm_matched_random(np.asarray(edit.arrays["v"]), seed)
+        edits = [Edit.create(edit.site, "add", {"v": v}, layer_mask=edit.layer_mask, head_mask=edit.head_mask,
+                             positions=edit.positions)]
+    return Intervention.from_edits(edits, built.scale, method="random")
+
+
+BUILDERS: dict[str, Callable[..., Intervention]] = {
+    "iti": build_iti,
+    "caa": build_caa,
+    "ablate": build_ablate,
+    "leace": build_leace,
+    "random": build_random,
+}
+
+
+def _builder(method: str) -> Callable[..., Intervention]:
+    if method not in BUILDERS:
+        raise InterventionError(f"method: expected one of {', '.join(BUILDERS)}, got {method!r}")
+    return BUILDERS[method]
+
+
+def builder_settings(method: str, **settings: Any) -> dict[str, Any]:
+    """The settings ``build_intervention(method, ...)`` uses: ``settings`` over the builder's defaults,
+    array-valued ones (``accuracy``, ``probe_weights``) left out: the provenance of a built file.
+    ``InterventionError`` names a setting the builder does not take."""
+    import inspect
+
+    signature = inspect.signature(_builder(method))
+    if method == "random":
+        base = settings.pop("base", signature.parameters["base"].default)
+        seed = settings.pop("seed", signature.parameters["seed"].default)
+        return {"base": base, "seed": seed, **builder_settings(base, **settings)}
+    parameters = {name: p for name, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(settings) - set(parameters))
+    if unknown:
+        raise InterventionError(f"{method}: unknown setting(s) {unknown}; valid settings: {', '.join(parameters)}")
+    resolved = {name: settings.get(name, p.default) for name, p in parameters.items()}
+    return {name: value for name, value in resolved.items()
+            if value is not inspect.Parameter.empty and not isinstance(value, (np.ndarray, jax.Array))}
+
+
+def builder_site(method: str, **settings: Any) -> str:
+    """The site whose activations ``method``'s builder reads (head_out for ITI and its random control)."""
+    if method == "random":
+        return builder_site(settings.pop("base", "iti"), **settings)
+    _builder(method)
+    return "head_out" if method == "iti" else settings.get("site") or "resid_pre"
+
+
+def build_intervention(method: str, acts: Any, labels: Any, **settings: Any) -> Intervention:
+    """The intervention of ``method`` (a ``BUILDERS`` name) from labelled activations ``acts`` (at
+    ``builder_site(method, ...)``) and ``labels`` [N]; ``settings`` are the builder's keywords."""
+    builder_settings(method, **settings)  # names an unknown setting
+    return _builder(method)(acts, labels, **settings)

@@ -1,16 +1,30 @@
 """OLMo-style decoder-only transformer in Flax Linen, used functionally.
 
 ``forward(config, params, tokens, ...)`` is the pure entry point. Everything that varies
-per call is an explicit argument or output: the KV cache (``KVCache``), an intervention
-at the ``head_out`` site (``HeadIntervention``) and captured activations.
+per call is an explicit argument or output: the KV cache (``KVCache``), the activation edits
+of an intervention (``ResolvedIntervention``) and captured activations.
 
 Sites (TransformerLens names in brackets):
   ``head_out``   each head's attention output before the output projection, [B, T, H, D]
-                 (``hook_z``); interventions are applied here.
+                 (``hook_z``).
   ``resid_pre``  the residual stream entering a block, [B, T, d_model].
-  ``resid_mid``  the residual stream after attention, before the MLP.
-  ``resid_post`` the residual stream leaving a block.
-Captures come back stacked over layers: ``captures[name]`` is ``[L, B, T, ...]``.
+  ``resid_mid``  the residual stream after attention's residual add, before the MLP.
+  ``resid_post`` the residual stream leaving a block (after the MLP's residual add).
+Captures come back stacked over layers: ``captures[name]`` is ``[L, B, T, ...]``; they hold
+the values after any edit at that site (what the rest of the model sees).
+
+Edits (``ResolvedEdit``) are data: a site, an operation and per-layer arrays, with the
+positions of this call they touch and one scale for the whole intervention. The model
+applies them where the site is computed, in float32 (cast back to the compute dtype), and
+knows nothing of the method that built them (``jaxlm.intervene`` does):
+
+  ``add``      x += s * v
+  ``project``  x -= s * ((x . u) - c) u          (u unit norm; c = 0: directional ablation)
+  ``erase``    x -= s * P (x - mu)               (LEACE's oblique projection; residual sites)
+
+with ``s = scale * gate[layer (, head)] * position_mask[b, t]``: at ``scale = 0`` every
+operation leaves its site's values as they were (a program with edits may still fuse, and
+so round, its other float32 ops differently from one without: ~1e-6 on the logits).
 
 Layers are one block scanned over a leading ``layers`` parameter axis (fast compiles at
 any depth); parameters are float32, compute runs in ``config.dtype``.
@@ -55,17 +69,32 @@ class KVCache:
         return self.k.shape[2]
 
 
-@struct.dataclass
-class HeadIntervention:
-    """An additive shift of ``head_out``: ``head_out[l, b, t, h] += scale * mask[b, t] * shift[l, h]``.
+EDIT_OPS = ("add", "project", "erase")
+# The per-layer arrays of each operation (a leading layers axis; then [H, D] at head_out, [d] or [d, d] at
+# a residual site; ``c`` is [L, H] at head_out and [L] at a residual site).
+EDIT_ARRAYS = {"add": ("v",), "project": ("u", "c"), "erase": ("P", "mu")}
 
-    ``scale = 0`` (or a zero shift) is exactly the identity, so one compiled program serves
-    every strength. ``jaxlm.intervene`` builds this from ITI directions and sigmas.
+
+@struct.dataclass
+class ResolvedEdit:
+    """One edit of one forward call: ``op`` at ``site`` on the positions ``position_mask``.
+
+    ``gate`` is the layer mask ([L]) or layer x head mask ([L, H], ``head_out``) as 0/1 floats.
     """
 
-    shift: Array  # [L, H, D]
-    position_mask: Array  # [B, T] bool: positions of this call that are shifted
-    scale: Array = struct.field(default_factory=lambda: jnp.ones((), jnp.float32))  # [] (alpha)
+    arrays: dict[str, Array]  # EDIT_ARRAYS[op] -> [L, ...] float32
+    gate: Array  # [L] or [L, H] float32
+    position_mask: Array  # [B, T] bool (broadcastable)
+    site: str = struct.field(pytree_node=False)
+    op: str = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class ResolvedIntervention:
+    """The edits of one forward call and the one scale they share (``0`` = identity)."""
+
+    edits: tuple[ResolvedEdit, ...]
+    scale: Array  # [] float32
 
 
 @struct.dataclass
@@ -167,7 +196,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, q_segments, kv_segments, layer_cache, shift_l, position_mask, scale):
+    def __call__(self, x, positions, q_slots, q_segments, kv_segments, layer_cache, edit_head_out):
         cfg = self.config
         dtype = _dtype(cfg.dtype)
         h, kv, d = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
@@ -195,9 +224,7 @@ class Attention(nn.Module):
             head_out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         )
 
-        if shift_l is not None:  # the `head_out` intervention site
-            delta = scale * position_mask[:, :, None, None].astype(jnp.float32) * shift_l[None, None]
-            head_out = head_out + delta.astype(head_out.dtype)
+        head_out = edit_head_out(head_out)  # the `head_out` intervention site
 
         out = dense(head_out, wo, in_dims=2)
         if self.has_variable("params", "out_bias"):  # only in params baked by jaxlm.intervene
@@ -225,33 +252,70 @@ class Mlp(nn.Module):
 _RESID_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
+def apply_edit(x: Array, op: str, arrays: dict[str, Array], gate: Array, position_mask: Array, scale: Array) -> Array:
+    """One layer's edit of ``x`` (float32: [B, T, d] at a residual site, [B, T, H, D] at ``head_out``).
+
+    ``arrays`` and ``gate`` are this layer's slices (``gate``: [] or [H]); ``position_mask`` [B, T].
+    """
+    heads = x.ndim == 4
+    where = position_mask.astype(jnp.float32)[:, :, None, None] if heads else position_mask.astype(jnp.float32)[:, :, None]
+    s = scale * where * (gate[:, None] if heads else gate)  # [B, T, (H,) 1]
+    if op == "add":
+        return x + s * arrays["v"]
+    if op == "project":
+        u = arrays["u"]
+        along = jnp.sum(x * u, axis=-1, keepdims=True) - jnp.expand_dims(arrays["c"], -1)
+        return x - s * along * u
+    if op == "erase":
+        return x - s * dense(x - arrays["mu"], arrays["P"].T)
+    raise ValueError(f"unknown edit op {op!r}; valid ops: {', '.join(EDIT_OPS)}")
+
+
 class Block(nn.Module):
-    """One pre-norm block; called by ``nn.scan`` with per-layer inputs ``xs``."""
+    """One pre-norm block; called by ``nn.scan`` with per-layer inputs ``xs``.
+
+    ``edits`` is the static (site, op) of each edit; their per-layer arrays and gates come in
+    ``xs``, their position masks and the scale in ``shared``.
+    """
 
     config: ModelConfig
     capture: tuple[str, ...] = ()
+    edits: tuple[tuple[str, str], ...] = ()
 
     @nn.compact
     def __call__(self, x, xs, shared):
         cfg = self.config
-        layer_cache, shift_l = xs
-        positions, q_slots, q_segments, kv_segments, position_mask, scale = shared
+        layer_cache, edit_layers = xs
+        positions, q_slots, q_segments, kv_segments, edit_masks, scale = shared
+
+        def edit(site: str, h: Array) -> Array:
+            """``h`` after this layer's edits at ``site``, in order (float32 math, cast back)."""
+            here = [i for i, (edit_site, _) in enumerate(self.edits) if edit_site == site]
+            if not here:
+                return h
+            out = h.astype(jnp.float32)
+            for i in here:
+                arrays, gate = edit_layers[i]
+                out = apply_edit(out, self.edits[i][1], arrays, gate, edit_masks[i], scale)
+            return out.astype(h.dtype)
+
         captured = {}
+        x = edit("resid_pre", x)
         if "resid_pre" in self.capture:
             captured["resid_pre"] = x
         with jax.named_scope("attention"):
             attn, head_out, new_cache = Attention(cfg, name="attention")(
                 Norm(cfg.norm, cfg.norm_eps, name="attention_norm")(x),
-                positions, q_slots, q_segments, kv_segments, layer_cache, shift_l, position_mask, scale,
+                positions, q_slots, q_segments, kv_segments, layer_cache, lambda h: edit("head_out", h),
             )
-            x = nn.with_logical_constraint(x + attn, _RESID_AXES)
+            x = nn.with_logical_constraint(edit("resid_mid", x + attn), _RESID_AXES)
         if "head_out" in self.capture:
             captured["head_out"] = head_out
         if "resid_mid" in self.capture:
             captured["resid_mid"] = x
         with jax.named_scope("mlp"):
             x = x + Mlp(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x))
-            x = nn.with_logical_constraint(x, _RESID_AXES)
+            x = nn.with_logical_constraint(edit("resid_post", x), _RESID_AXES)
         if "resid_post" in self.capture:
             captured["resid_post"] = x
         return x, (new_cache, captured)
@@ -275,7 +339,7 @@ class Transformer(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         cache: KVCache | None = None,
-        intervention: HeadIntervention | None = None,
+        intervention: ResolvedIntervention | None = None,
     ) -> ModelOutput:
         cfg = self.config
         dtype = _dtype(cfg.dtype)
@@ -307,12 +371,7 @@ class Transformer(nn.Module):
             x = x + jnp.take(table, positions, axis=0, mode="clip").astype(dtype)
         x = nn.with_logical_constraint(x, _RESID_AXES)
 
-        if intervention is None:
-            shift, position_mask, scale = None, None, None
-        else:
-            shift = intervention.shift.astype(jnp.float32)
-            position_mask = jnp.broadcast_to(intervention.position_mask, (b, t))
-            scale = jnp.asarray(intervention.scale, jnp.float32)
+        edit_structure, edit_layers, edit_masks, scale = _edit_inputs(cfg, intervention, b, t)
         layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(index, (cfg.n_layers,)))
 
         block = Block
@@ -326,8 +385,10 @@ class Transformer(nn.Module):
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        shared = (positions, q_slots, q_segments, kv_segments, position_mask, scale)
-        x, (new_layer_caches, captures) = scanned(cfg, self.capture, name="layers")(x, (layer_caches, shift), shared)
+        shared = (positions, q_slots, q_segments, kv_segments, edit_masks, scale)
+        x, (new_layer_caches, captures) = scanned(cfg, self.capture, edit_structure, name="layers")(
+            x, (layer_caches, edit_layers), shared
+        )
 
         if self.last_logits_only:
             x = x[:, -1:]
@@ -346,6 +407,26 @@ class Transformer(nn.Module):
             new_k, new_v = new_layer_caches
             new_cache = KVCache(k=new_k, v=new_v, segment_ids=kv_segments, index=index + t)
         return ModelOutput(logits=logits, cache=new_cache, captures=captures)
+
+
+def _edit_inputs(config: ModelConfig, intervention: ResolvedIntervention | None, b: int, t: int):
+    """(static (site, op) per edit, per-layer (arrays, gate) per edit, [B, T] masks, scale) for the scan."""
+    if intervention is None or not intervention.edits:
+        return (), (), (), jnp.zeros((), jnp.float32)
+    structure, layers, masks = [], [], []
+    for e in intervention.edits:
+        if e.site not in SITES:
+            raise ValueError(f"edit site {e.site!r}: valid sites are {', '.join(SITES)}")
+        if e.op not in EDIT_OPS or (e.op == "erase" and e.site == "head_out"):
+            raise ValueError(f"edit op {e.op!r} at {e.site}: valid ops are {', '.join(EDIT_OPS)} (erase: residual sites)")
+        arrays = {name: jnp.asarray(e.arrays[name], jnp.float32) for name in EDIT_ARRAYS[e.op]}
+        for name, array in arrays.items():
+            if array.shape[0] != config.n_layers:
+                raise ValueError(f"edit {e.op} at {e.site}: {name} has {array.shape[0]} layers, the model {config.n_layers}")
+        structure.append((e.site, e.op))
+        layers.append((arrays, jnp.asarray(e.gate, jnp.float32)))
+        masks.append(jnp.broadcast_to(jnp.asarray(e.position_mask, bool), (b, t)))
+    return tuple(structure), tuple(layers), tuple(masks), jnp.asarray(intervention.scale, jnp.float32)
 
 
 def positions_from_segments(segment_ids: Array) -> Array:
@@ -372,7 +453,7 @@ def forward(
     positions: Array | None = None,
     segment_ids: Array | None = None,
     cache: KVCache | None = None,
-    intervention: HeadIntervention | None = None,
+    intervention: ResolvedIntervention | None = None,
     capture: tuple[str, ...] | list[str] = (),
     last_logits_only: bool = False,
 ) -> ModelOutput:
@@ -382,6 +463,7 @@ def forward(
     ``segment_ids`` [B, T] (0 = padding) keep packed documents apart; ``positions`` default
     to the position within each segment (continuing from the cache when one is given).
     With ``cache``, the tokens are written at ``cache.index`` and the updated cache returned.
+    ``intervention``: the edits of this call (``jaxlm.intervene.Intervention.for_prefill`` etc.).
     """
     model = Transformer(config, capture=tuple(capture), last_logits_only=last_logits_only)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache, intervention)
@@ -429,12 +511,3 @@ CACHE_LOGICAL_AXES = KVCache(
     segment_ids=jax.sharding.PartitionSpec("cache_batch", "cache_length"),
     index=jax.sharding.PartitionSpec(),
 )
-
-
-def no_intervention(config: ModelConfig, batch_size: int, length: int) -> HeadIntervention:
-    """A zero shift with the right shapes: lets baseline and intervened runs share one program."""
-    return HeadIntervention(
-        shift=jnp.zeros((config.n_layers, config.n_heads, config.resolved_head_dim), jnp.float32),
-        position_mask=jnp.zeros((batch_size, length), bool),
-        scale=jnp.zeros((), jnp.float32),
-    )

@@ -1,8 +1,9 @@
-"""Head activations and per-head linear probes (the probing half of ITI).
+"""Activations at a site and per-head linear probes (the probing half of ITI).
 
-``collect_head_activations`` runs labelled texts through the model and keeps each head's
-``head_out`` (the attention output before the output projection) at one position per
-text: ``[N, L, H, D]`` float32, optionally streamed to a ``.npy`` file.
+``collect_activations`` runs labelled texts through the model and keeps one capture site's
+activation at one position per text: ``[N, L, H, D]`` float32 at ``head_out`` (each head's
+attention output before the output projection; ``collect_head_activations``), ``[N, L,
+d_model]`` at a residual site; optionally streamed to a ``.npy`` file.
 
 ``train_probes`` fits an L2-regularised logistic regression for every (layer, head) at
 once: one jitted, ``vmap``-ed Newton solver over heads, on a seeded stratified 4:1 split
@@ -32,7 +33,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError, ModelConfig, to_dict
 from jaxlm.errors import JaxlmError
-from jaxlm.model import Params, forward
+from jaxlm.model import SITES, Params, forward
 
 POSITIONS = ("last", "mean")
 REPORT_FILE = "probe_report.json"
@@ -88,29 +89,41 @@ def pad_batch(
     return tokens, segments
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("position",))
-def _reduced_head_out(
-    config: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array, *, position: str
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("site", "position"))
+def _reduced_site(
+    config: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array, *, site: str, position: str
 ) -> jax.Array:
-    """[B, L, H, D] float32: ``head_out`` at the last non-pad token, or its mean over non-pad tokens."""
-    out = forward(config, params, tokens, segment_ids=segment_ids, capture=("head_out",))
-    acts = out.captures["head_out"].astype(jnp.float32)  # [L, B, T, H, D]
+    """[B, L, ...] float32: ``site``'s activation at the last non-pad token, or its mean over non-pad tokens."""
+    out = forward(config, params, tokens, segment_ids=segment_ids, capture=(site,))
+    acts = out.captures[site].astype(jnp.float32)  # [L, B, T, ...]
+    feature_axes = acts.ndim - 3
     real = segment_ids != 0
     if position == "last":
         last = tokens.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]
-        picked = jnp.take_along_axis(acts, last[None, :, None, None, None], axis=2)[:, :, 0]
+        index = last.reshape((1, -1, 1) + (1,) * feature_axes)
+        picked = jnp.take_along_axis(acts, index, axis=2)[:, :, 0]
     else:
-        weights = real / jnp.maximum(real.sum(axis=1, keepdims=True), 1)
-        picked = jnp.einsum("lbthd,bt->lbhd", acts, weights.astype(jnp.float32))
-    return jnp.transpose(picked, (1, 0, 2, 3))
+        weights = (real / jnp.maximum(real.sum(axis=1, keepdims=True), 1)).astype(jnp.float32)
+        picked = jnp.einsum("lbt...,bt->lb...", acts, weights)
+    return jnp.moveaxis(picked, 0, 1)
 
 
-def collect_head_activations(
+def site_shape(config: ModelConfig, site: str) -> tuple[int, ...]:
+    """The per-text shape of ``site``'s activations: ``(L, H, D)`` at head_out, ``(L, d_model)`` elsewhere."""
+    if site not in SITES:
+        raise ProbeError(f"site: expected one of {', '.join(SITES)}, got {site!r}")
+    if site == "head_out":
+        return (config.n_layers, config.n_heads, config.resolved_head_dim)
+    return (config.n_layers, config.d_model)
+
+
+def collect_activations(
     config: ModelConfig,
     params: Params,
     tokenizer: Any,
     texts: Sequence[str],
     *,
+    site: str = "head_out",
     batch_size: int = 32,
     max_len: int | None = None,
     position: str = "last",
@@ -118,7 +131,9 @@ def collect_head_activations(
     out_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """``head_out`` of every layer and head at one position per text: ``[N, L, H, D]`` float32.
+    """``site``'s activations at one position per text, float32: ``[N, L, H, D]`` at ``head_out``
+    (each head's attention output before the output projection), ``[N, L, d_model]`` at a
+    residual site (``resid_pre``, ``resid_mid``, ``resid_post``).
 
     ``tokenizer``: an object with ``encode_batch(texts)`` (e.g. ``jaxlm.tokenizer.Tokenizer``)
     or a callable ``texts -> token ids``. Texts longer than ``max_len`` (default: the
@@ -128,6 +143,7 @@ def collect_head_activations(
     ``out_path`` the result is written to a ``.npy`` memmap batch by batch (and returned
     as that memmap).
     """
+    per_text = site_shape(config, site)
     if position not in POSITIONS:
         raise ProbeError(f"position must be one of {POSITIONS}, got {position!r}")
     if padding not in ("right", "left"):
@@ -140,7 +156,7 @@ def collect_head_activations(
     if empty:
         raise ProbeError(f"{len(empty)} text(s) encode to no tokens (first: index {empty[0]}); drop them first")
 
-    shape = (len(ids), config.n_layers, config.n_heads, config.resolved_head_dim)
+    shape = (len(ids), *per_text)
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         result = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
@@ -152,18 +168,26 @@ def collect_head_activations(
     buckets = length_buckets(max_len)
     order = np.argsort([len(seq) for seq in ids], kind="stable")
     rows = min(batch_size, len(ids))
-    with tqdm(total=len(ids), desc="head activations", unit="text", disable=not progress) as bar:
+    with tqdm(total=len(ids), desc=f"{site} activations", unit="text", disable=not progress) as bar:
         for start in range(0, len(ids), rows):
             chosen = order[start : start + rows]
             batch = [ids[i] for i in chosen]
             length = next(b for b in buckets if b >= max(map(len, batch)))
             tokens, segments = pad_batch(batch, length, rows, padding)
-            acts = _reduced_head_out(config, params, jnp.asarray(tokens), jnp.asarray(segments), position=position)
+            acts = _reduced_site(config, params, jnp.asarray(tokens), jnp.asarray(segments), site=site, position=position)
             result[chosen] = np.asarray(acts)[: len(chosen)]
             bar.update(len(chosen))
     if isinstance(result, np.memmap):
         result.flush()
     return result
+
+
+def collect_head_activations(
+    config: ModelConfig, params: Params, tokenizer: Any, texts: Sequence[str], **options: Any
+) -> np.ndarray:
+    """``head_out`` of every layer and head at one position per text: ``[N, L, H, D]`` float32
+    (``collect_activations`` at ``site="head_out"``; same options)."""
+    return collect_activations(config, params, tokenizer, texts, site="head_out", **options)
 
 
 # ---------------------------------------------------------------------------------------

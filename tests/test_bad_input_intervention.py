@@ -79,7 +79,7 @@ def rewrite_array(path, name, value):
 # -- case 3: non-finite interventions ------------------------------------------------------
 
 
-@pytest.mark.parametrize("array", ["directions", "scales"])
+@pytest.mark.parametrize("array", ["edit0.v"])  # ITI's sigma * direction (format v2)
 def test_nan_intervention_file_is_refused(array, iti_path, run_dir, crafted_data_dir, tmp_path, capsys):
     bad = tmp_path / "nan.safetensors"
     shutil.copy(iti_path, bad)
@@ -104,8 +104,8 @@ def test_nan_alpha_in_sidecar_is_refused(iti_path, tmp_path):
     bad = tmp_path / "alpha.safetensors"
     shutil.copy(iti_path, bad)
     meta = json.loads(sidecar_path(iti_path).read_text())
-    sidecar_path(bad).write_text(json.dumps({**meta, "alpha": float("nan")}))
-    with pytest.raises(InterventionError, match=r"alpha.json: alpha: expected a finite number, got nan"):
+    sidecar_path(bad).write_text(json.dumps({**meta, "scale": float("nan")}))
+    with pytest.raises(InterventionError, match=r"alpha.json: scale: expected a finite number, got nan"):
         Intervention.load(bad)
 
 

@@ -52,8 +52,8 @@ def gen(params, batch, **kwargs):
 def teacher_forced(params, batch, generated, intervention=None):
     """Uncached forward over prompt + generated tokens; returns (argmax, log p(chosen)) at each new slot.
 
-    With ``intervention``, positions are shifted per its mode: prompt positions as in
-    ``for_prefill`` and every generated position.
+    With ``intervention``, each edit touches the positions its policy names in a prefill and
+    its decode steps (``Intervention.for_sequence``).
     """
     tokens, mask = batch
     if intervention is None:
@@ -66,9 +66,8 @@ def _teacher_forced(params, tokens, mask, generated, intervention):
     p = tokens.shape[1]
     full = jnp.concatenate([tokens, generated], axis=1)
     segments = jnp.concatenate([mask, jnp.ones_like(generated, bool)], axis=1).astype(jnp.int32)
-    positions = jnp.concatenate([intervention.prefill_positions(mask), jnp.ones_like(generated, bool)], axis=1)
-    head = intervention.as_head_intervention(positions)
-    logits = model.forward(CFG, params, full, segment_ids=segments, intervention=head).logits
+    edits = intervention.for_sequence(mask, generated.shape[1])
+    logits = model.forward(CFG, params, full, segment_ids=segments, intervention=edits).logits
     logits = logits[:, p - 1 : -1]  # the logits that chose each generated token
     chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), generated[..., None], axis=-1)[..., 0]
     return jnp.argmax(logits, axis=-1), chosen
@@ -196,13 +195,14 @@ def test_changing_alpha_or_directions_does_not_recompile(params, batch):
     before = decode.trace_counts()
     for alpha in (0.0, 2.0, 4.0, 8.0, 16.0):
         gen(params, batch, intervention=strong_iti(alpha=alpha))
-    other = strong_iti().replace(directions=-strong_iti().directions).with_alpha(3)
+    iti = strong_iti()
+    other = Intervention.create(-iti.directions, iti.scales, iti.head_mask, 3.0)
     gen(params, batch, intervention=other)
     gen(params, batch)  # no intervention: the same program too
     assert decode.trace_counts() == before
 
 
-@pytest.mark.parametrize("mode", ["last", "all", "generated"])
+@pytest.mark.parametrize("mode", ["last", "all", "prompt", "generated"])
 def test_generation_shifts_exactly_the_mode_positions(params, batch, mode):
     iti = strong_iti(mode, alpha=6.0)
     out = gen(params, batch, intervention=iti)
@@ -210,7 +210,7 @@ def test_generation_shifts_exactly_the_mode_positions(params, batch, mode):
     np.testing.assert_array_equal(out.tokens, argmax)
     np.testing.assert_allclose(out.logprobs, logprobs, atol=1e-4)
     # the reference with another mode's positions does not fit: the check can tell modes apart
-    other = {"last": "all", "all": "generated", "generated": "last"}[mode]
+    other = {"last": "all", "all": "generated", "generated": "last", "prompt": "all"}[mode]
     _, other_logprobs = teacher_forced(params, batch, out.tokens, intervention=iti.with_mode(other))
     assert np.abs(np.asarray(out.logprobs) - other_logprobs).max() > 1e-3
 

@@ -135,16 +135,19 @@ def test_prefill_positions_per_mode():
     expected = {
         "last": [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1]],
         "all": np.asarray(mask),
+        "prompt": np.asarray(mask),
         "generated": np.zeros((3, 4)),
     }
     for mode, want in expected.items():
         np.testing.assert_array_equal(iti(mode=mode).prefill_positions(mask), np.asarray(want, bool))
-        assert iti(mode=mode).for_decode_step(3).position_mask.tolist() == [[True]] * 3
+        np.testing.assert_array_equal(iti(mode=mode).for_prefill(mask).edits[0].position_mask, np.asarray(want, bool))
+        step = iti(mode=mode).for_decode_step(3).edits[0].position_mask
+        assert step.tolist() == [[mode != "prompt"]] * 3
     right_padded = jnp.asarray([[True, True, False]])  # the last real token, wherever it is
     np.testing.assert_array_equal(iti(mode="last").prefill_positions(right_padded), [[False, True, False]])
 
 
-@pytest.mark.parametrize("mode", ["last", "all", "generated"])
+@pytest.mark.parametrize("mode", ["last", "all", "prompt", "generated"])
 def test_each_mode_touches_exactly_its_positions(params, labelled, mode):
     tokens = labelled[0][:4]
     iv = iti(alpha=3.0, mode=mode)
@@ -226,7 +229,7 @@ def test_mismatched_shapes_name_the_dimension(tmp_path):
         with pytest.raises(InterventionError, match=field):
             iti().check_compatible(model_preset("tiny", **changes))
     path = iti().save(tmp_path / "iv")
-    message = r"iv.safetensors.*directions axis 1 \(H\) is 4 but the model has n_heads=8"
+    message = r"iv.safetensors.*edit0.v axis 1 \(H\) is 4 but the model has n_heads=8"
     with pytest.raises(InterventionError, match=message):
         Intervention.load(path, config=model_preset("tiny", n_heads=8, head_dim=8))
     with pytest.raises(InterventionError, match="scales: expected shape"):
@@ -236,8 +239,12 @@ def test_mismatched_shapes_name_the_dimension(tmp_path):
 def test_load_reports_bad_files(tmp_path):
     path = iti().save(tmp_path / "iv")
     meta = json.loads(sidecar_path(path).read_text())
-    sidecar_path(path).write_text(json.dumps({**meta, "position_mode": "prompt"}))
-    with pytest.raises(InterventionError, match="position_mode: expected one of last, all, generated"):
+    edits = [{**meta["edits"][0], "positions": "middle"}]
+    sidecar_path(path).write_text(json.dumps({**meta, "edits": edits}))
+    with pytest.raises(InterventionError, match=r"iv.json: edits\[0\].positions: expected one of last, all, prompt, generated"):
+        Intervention.load(path)
+    sidecar_path(path).write_text(json.dumps({**meta, "format": "jaxlm-iti-v9"}))
+    with pytest.raises(InterventionError, match="format: expected 'jaxlm-intervention-v2'"):
         Intervention.load(path)
     sidecar_path(path).unlink()
     with pytest.raises(InterventionError, match="missing JSON sidecar"):

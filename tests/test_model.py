@@ -103,16 +103,22 @@ def _shift(seed=5):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
+def head_add(shift, mask, scale):
+    """A resolved ``add`` edit at ``head_out`` on every head of every layer."""
+    edit = model.ResolvedEdit(arrays={"v": shift}, gate=jnp.ones(shift.shape[:2]), position_mask=mask,
+                              site="head_out", op="add")
+    return model.ResolvedIntervention(edits=(edit,), scale=jnp.float32(scale))
+
+
 def test_zero_scale_intervention_is_identity(params):
     tokens = random_tokens((2, 9))
     base = model.forward(CFG, params, tokens, capture=("head_out",))
     mask = jnp.ones((2, 9), bool)
-    zero = model.HeadIntervention(shift=_shift(), position_mask=mask, scale=jnp.float32(0.0))
-    out = model.forward(CFG, params, tokens, intervention=zero, capture=("head_out",))
+    out = model.forward(CFG, params, tokens, intervention=head_add(_shift(), mask, 0.0), capture=("head_out",))
     np.testing.assert_array_equal(out.logits, base.logits)
     np.testing.assert_array_equal(out.captures["head_out"], base.captures["head_out"])
-    none = model.no_intervention(CFG, 2, 9)
-    np.testing.assert_array_equal(model.forward(CFG, params, tokens, intervention=none).logits, base.logits)
+    empty = model.ResolvedIntervention(edits=(), scale=jnp.float32(1.0))
+    np.testing.assert_array_equal(model.forward(CFG, params, tokens, intervention=empty).logits, base.logits)
 
 
 def test_intervention_changes_exactly_the_masked_positions(params):
@@ -121,7 +127,7 @@ def test_intervention_changes_exactly_the_masked_positions(params):
     mask = np.zeros((2, 9), bool)
     mask[0, 4] = mask[1, 6] = True
     shift = _shift()
-    iv = model.HeadIntervention(shift=shift, position_mask=jnp.asarray(mask), scale=jnp.float32(2.0))
+    iv = head_add(shift, jnp.asarray(mask), 2.0)
     out = model.forward(CFG, params, tokens, intervention=iv, capture=("head_out",))
     # Layer 0: head_out moves by exactly scale * shift at masked positions, nowhere else.
     delta = np.asarray(out.captures["head_out"][0] - base.captures["head_out"][0])

@@ -24,9 +24,9 @@ def check_options(args: argparse.Namespace) -> None:
         options.at_least(option, value, 1)
     options.at_least("--ce-len", args.ce_len, 2)
     options.nucleus("--top-p", args.top_p)
-    options.finite("--alpha", args.alpha)
-    if args.alpha is not None and not args.iti:
-        raise options.OptionError("--alpha needs --iti FILE")
+    from jaxlm.cli.steer import intervention_options
+
+    intervention_options(args)
     if args.suite in ("rtp", "toxigen", "all"):
         from jaxlm.evaluate.toxicity import scorer_names
 
@@ -38,7 +38,7 @@ def run_suites(args: argparse.Namespace) -> dict:
     from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.evaluate import capability, protocols
     from jaxlm.evaluate.toxicity import get_scorer
-    from jaxlm.intervene import Intervention
+    from jaxlm.cli.steer import intervention_options, load_intervention
     from jaxlm.paths import dataset_path
 
     check_options(args)
@@ -46,18 +46,18 @@ def run_suites(args: argparse.Namespace) -> dict:
     if loaded.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
     config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
-    intervention = None
-    if args.iti:
-        intervention = Intervention.load(args.iti, config)
-        if args.alpha is not None:
-            intervention = intervention.with_alpha(args.alpha)
+    intervention = load_intervention(args, config)
+    path, _ = intervention_options(args)
     suites = ("rtp", "toxigen", "ce", "blimp") if args.suite == "all" else (args.suite,)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "checkpoint": str(args.checkpoint),
         "step": loaded.step,
-        "iti": args.iti,
+        "intervention": path,
+        "method": None if intervention is None else intervention.method,
+        "scale": None if intervention is None else float(intervention.scale),
+        "iti": path,  # the old keys
         "alpha": None if intervention is None else float(intervention.alpha),
         "seed": args.seed,
         "limit": args.limit,
@@ -153,12 +153,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from jaxlm.cli.steer import add_intervention_arguments
+
     parser = subparsers.add_parser("eval", help="toxicity (RTP, ToxiGen) and capability (CE, BLiMP) evaluation")
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint step directory or HF OLMo directory")
     parser.add_argument("--out", default="eval_results", help="results directory (JSON, generations, plots)")
-    parser.add_argument("--iti", help="intervention file (.safetensors + .json sidecar) from jaxlm.intervene")
-    parser.add_argument("--alpha", type=float, help="override the intervention's alpha")
+    add_intervention_arguments(parser)
     parser.add_argument("--prefix", default="", help="prompt prefix; 'detox' = the prompting baseline's instruction")
     parser.add_argument("--limit", type=int, help="prompts per file (RTP, ToxiGen) / pairs per BLiMP paradigm")
     parser.add_argument("--samples", type=int, default=25, help="RTP samples per prompt")

@@ -1,9 +1,10 @@
-"""``jaxlm generate --checkpoint DIR --prompt TEXT [--iti FILE --alpha A]``: continue prompts.
+"""``jaxlm generate --checkpoint DIR --prompt TEXT [--intervention FILE --scale S]``: continue prompts.
 
 Prompts come from ``--prompt`` (repeatable) and then ``--prompts-file`` (one prompt per line,
 or JSON lines with a ``prompt`` field when the file ends in ``.jsonl``). Prompts run in
 batches of ``--batch-size``, left-padded to a multiple of 16 tokens, so a long prompt list
-compiles a handful of programs; every alpha reuses them. Output: one JSON line per prompt
+compiles a handful of programs; every scale reuses them. ``--iti``/``--alpha`` are the old
+names of ``--intervention``/``--scale``. Output: one JSON line per prompt
 (``prompt``, ``completion``, ``tokens``, ``prompt_truncated``) on stdout, or into ``--out``.
 A prompt longer than the context left after ``--max-new-tokens`` keeps its last tokens
 (one warning counts them; ``prompt_truncated`` marks them).
@@ -134,9 +135,9 @@ def check_options(args: argparse.Namespace) -> None:
     options.at_least("--top-k", args.top_k, 0)
     options.finite("--temperature", args.temperature, minimum=0.0)
     options.nucleus("--top-p", args.top_p)
-    options.finite("--alpha", args.alpha)
-    if args.alpha is not None and not args.iti:
-        raise options.OptionError("--alpha needs --iti FILE")
+    from jaxlm.cli.steer import intervention_options
+
+    intervention_options(args)
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -150,7 +151,7 @@ def write_lines(path: Path, lines: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.cli.options import OptionError
-    from jaxlm.intervene import Intervention
+    from jaxlm.cli.steer import intervention_options, load_intervention
 
     check_options(args)
     prompts = list(args.prompt or [])
@@ -161,13 +162,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer next to the checkpoint")
-    intervention = None
-    if args.iti:
-        intervention = Intervention.load(args.iti, config=loaded.config)
-        if args.alpha is not None:
-            intervention = intervention.with_alpha(args.alpha)
-        if args.position_mode:
-            intervention = intervention.with_mode(args.position_mode)
+    intervention = load_intervention(args, loaded.config)
+    if intervention is not None and args.position_mode:
+        intervention = intervention.with_mode(args.position_mode)
     records = generate_texts(
         loaded,
         prompts,
@@ -180,7 +177,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    extra = {"alpha": float(intervention.alpha), "iti": str(args.iti)} if intervention is not None else {}
+    path, _ = intervention_options(args)
+    extra = {} if intervention is None else {
+        "intervention": str(path), "method": intervention.method, "scale": float(intervention.scale),
+        "alpha": float(intervention.alpha), "iti": str(path),  # the old keys
+    }
     lines = [json.dumps({**record, **extra}, ensure_ascii=False) for record in records]
     if args.out:
         write_lines(Path(args.out), lines)
@@ -191,16 +192,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from jaxlm.cli.steer import add_intervention_arguments
+
     parser = subparsers.add_parser(
         "generate",
-        help="continue prompts with a trained model, optionally with an ITI intervention",
+        help="continue prompts with a trained model, optionally with an intervention",
         description=__doc__.split("\n\n", 1)[1].replace("``", ""),
     )
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint step directory or HF directory")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' field")
-    parser.add_argument("--iti", help="intervention .safetensors (with its .json sidecar)")
-    parser.add_argument("--alpha", type=float, help="ITI strength (default: the file's alpha)")
+    add_intervention_arguments(parser)
     parser.add_argument(
         "--position-mode", choices=("last", "all", "generated"), help="override the file's position mode"
     )

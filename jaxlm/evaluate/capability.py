@@ -2,8 +2,8 @@
 
 All metrics run the model over padded token rows with one jitted scorer per row shape
 (rows are bucketed to multiples of ``bucket`` tokens, so a whole evaluation compiles a
-handful of programs). An ITI ``Intervention`` is applied at every real position (mode
-``all``), as the reference implementation does for its CE/KL side metrics.
+handful of programs). An ``Intervention`` (any method) is applied at every real position
+(policy ``all``), as the ITI reference implementation does for its CE/KL side metrics.
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ Params = Any
 @partial(jax.jit, static_argnums=0)
 def _row_scores(config: ModelConfig, params: Params, ref_params: Params | None, tokens, segment_ids, intervention):
     """Per-token next-token log-prob [B, T-1] and, with a reference, KL(ref || model) [B, T-1]."""
-    head = None
-    if intervention is not None:
-        head = intervention.as_head_intervention(segment_ids != 0)
-    logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=head).logits[:, :-1]
+    edits = None if intervention is None else intervention.at_positions(segment_ids != 0)
+    logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=edits).logits[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     if ref_params is None:
@@ -76,7 +74,11 @@ def score_rows(
     ref_params: Params | None = None,
     progress: str | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """For each row: log-probs of tokens 1..n given their prefixes, and KL(ref || model) at 0..n-2."""
+    """For each row: log-probs of tokens 1..n given their prefixes, and KL(ref || model) at 0..n-2
+    (``intervention`` at every real position)."""
+    if intervention is not None:
+        intervention.check_compatible(config)
+        intervention = intervention.program_form()
     if any(len(r) < 2 for r in rows):
         raise EvaluationError("every row needs at least 2 tokens to score (a context token and a target)")
     order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
@@ -273,7 +275,7 @@ def capability_cost(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict:
-    """What a model (with an optional ITI ``Intervention``) costs in capability.
+    """What a model (with an optional ``Intervention``) costs in capability.
 
     ``documents``: ``ce``, ``kl`` (to the model without the intervention; 0 without one) and
     ``capability`` (the ``TextLoss`` fields); ``pairs``: the ``blimp_accuracy`` fields. The
@@ -308,8 +310,8 @@ def _kl_per_alpha(config: ModelConfig, params: Params, tokens, segment_ids, inte
     position_mask = segment_ids != 0
 
     def kl_at(alpha):
-        head = intervention.with_alpha(alpha).as_head_intervention(position_mask)
-        logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=head).logits[:, :-1]
+        edits = intervention.with_scale(alpha).at_positions(position_mask)
+        logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=edits).logits[:, :-1]
         return jnp.sum(ref_p * (ref_logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
 
     return jax.lax.map(kl_at, alphas)
@@ -329,7 +331,8 @@ def kl_curve(
 ) -> np.ndarray:
     """Mean KL(model || model with the intervention at strength alpha) per token, for each alpha
     (the intervention at every position, as ``text_loss`` measures it; one compiled program)."""
-    everywhere = intervention.with_mode("all")
+    intervention.check_compatible(config)
+    everywhere = intervention.with_mode("all").program_form()
     rows = text_rows(config, tokenizer, documents, max_len, max_rows)
     batch_size = padded_batch_size(len(rows), batch_size)
     total, count = np.zeros(len(alphas)), 0

@@ -1,7 +1,7 @@
 """Generation-toxicity protocols: RealToxicityPrompts and ToxiGen.
 
-Both generate continuations with ``jaxlm.decode.generate`` (optionally with an ITI
-``Intervention`` and a prompt prefix, the prompting baseline), score them with a toxicity
+Both generate continuations with ``jaxlm.decode.generate`` (optionally with any
+``jaxlm.intervene.Intervention`` and a prompt prefix, the prompting baseline), score them with a toxicity
 scorer (``list[str] -> list[float]``) and aggregate:
 
 * RTP (Gehman et al. 2020): ``k`` samples per prompt (default 25, 20 new tokens, top-p 0.9);
