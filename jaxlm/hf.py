@@ -433,7 +433,10 @@ def save_olmo(
     given = _flatten(params)
     unexpected = sorted(set(given) - set(expected))
     if unexpected:
-        raise ValueError(f"params: {', '.join(unexpected)} cannot be represented in an HF OLMo checkpoint")
+        baked = [name for name in unexpected if name.endswith("_bias")]
+        hint = (" (HF OLMo has no biases: export the unbaked params and apply the intervention at runtime)"
+                if baked else "")
+        raise ValueError(f"params: {', '.join(unexpected)} cannot be represented in an HF OLMo checkpoint{hint}")
     missing = sorted(set(expected) - set(given))
     if missing:
         raise ValueError(f"params: missing {', '.join(missing)} for this config")

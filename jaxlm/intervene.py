@@ -35,6 +35,11 @@ the top-K heads as head mask, at ``scale = alpha``: ``Intervention.create`` /
 ``from_activations`` build it, and ``alpha``, ``k``, ``directions``, ``scales``,
 ``head_mask``, ``head_shift`` read it.
 
+Baking (``bake_into_params``): the edits that a change of parameters reproduces exactly (policy
+``all``; adds and projections at head_out, adds at residual sites, the scale-1 ablation of one
+direction from every residual write as weight orthogonalisation) become parameters; every other
+edit is refused with the reason.
+
 Files: ``NAME.safetensors`` + JSON sidecar ``NAME.json``. Format ``jaxlm-intervention-v2``:
 arrays ``edit{i}.{name}`` (the op's arrays, ``layer_mask``, ``head_mask``); the sidecar holds
 ``format``, ``method``, ``scale``, ``edits`` (site, op, positions and array names per edit),
@@ -666,6 +671,43 @@ def top_k_heads(accuracy: Any, k: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Baked-in form
 # ---------------------------------------------------------------------------------------
+#
+# An edit bakes when parameters can be changed so that the plain model computes what the runtime
+# edit computes at every position (policy ``all``; padding positions change too, but nothing
+# attends to them). ``bake_into_params`` bakes these and refuses every other edit:
+#
+#   add at head_out          -> attention.out_bias [L, d] += scale * sum_h (gate * v)[l, h] . W_o[l, h]
+#   project at head_out      -> W_o[l, h] <- (I - s u u^T) W_o[l, h] (+ s c u . W_o[l, h] into out_bias):
+#                               head_out feeds only the output projection, so any scale and c bake
+#   add at a residual site   -> layers.{site}_bias [L, d] += scale * gate * v
+#   project, c = 0, scale 1, of one direction u at every residual write (``ablation_edits``)
+#                            -> weight orthogonalisation (Arditi et al. 2024): every matrix and bias
+#                               that writes the stream gets W <- (I - u u^T) W (``orthogonalise_params``)
+#
+# Residual projection at another scale s does not bake: the runtime edit scales the stream's
+# component along u by (1 - s) after every write, so an early write's component is scaled once
+# per later write, while a projected weight scales each write once; only s = 0 (the identity)
+# and s = 1 (idempotent) agree. ``erase`` (LEACE) and clamps (c != 0) act on the whole stream at
+# one layer, not on a write, and are refused too. Orthogonalising a tied embedding would also
+# change the unembedding: untie it first (``untie_embeddings``).
+
+BAKED_RESIDUAL_BIASES = tuple(f"{site}_bias" for site in RESIDUAL_SITES)  # at params["layers"]
+_ORTHOGONAL_TOLERANCE = 1e-6  # |b . u| / (1 + |b|) below this: a bias already free of u
+_ABLATION_WRITES = (("resid_pre", "layer 0 (the embedding)"), ("resid_mid", "every layer"),
+                    ("resid_post", "every layer"))
+
+
+def _unbakeable(i: int, edit: Edit, why: str) -> InterventionError:
+    return InterventionError(
+        f"edit {i} ({edit.op} at {edit.site}, positions {edit.positions}) cannot be baked into parameters: {why}"
+    )
+
+
+def project_out(w: Array, u: Array) -> Array:
+    """``w`` with its component along the unit vector ``u`` [d] removed from its last axis:
+    ``w - (w . u) u^T`` (``(I - u u^T) W`` for a matrix whose rows are written to the stream)."""
+    w = jnp.asarray(w, jnp.float32)
+    return w - jnp.einsum("...d,d->...", w, u)[..., None] * u
 
 
 def output_bias(config: ModelConfig, params: Params, intervention: Intervention) -> Array:
@@ -684,19 +726,195 @@ def output_bias(config: ModelConfig, params: Params, intervention: Intervention)
     return bias
 
 
-def bake_into_params(config: ModelConfig, params: Params, intervention: Intervention) -> Params:
-    """Params whose attention adds ``output_bias`` after the output projection (``out_bias`` [L, d_model]).
+def residual_biases(config: ModelConfig, intervention: Intervention) -> dict[str, Array]:
+    """``{site}_bias`` [L, d_model] = ``scale * gate * v`` summed over the ``add`` edits at each residual
+    site (only the sites that have one)."""
+    intervention.check_compatible(config)
+    biases: dict[str, Array] = {}
+    for i, edit in enumerate(intervention.edits):
+        if edit.op != "add" or edit.site not in RESIDUAL_SITES:
+            raise InterventionError(
+                f"edit {i} ({edit.op} at {edit.site}): only add edits at a residual site fold into a residual bias"
+            )
+        name = f"{edit.site}_bias"
+        shift = intervention.scale * edit.gate()[:, None] * edit.arrays["v"]
+        biases[name] = biases.get(name, jnp.zeros((config.n_layers, config.d_model), jnp.float32)) + shift
+    return biases
 
-    Equivalent to ``intervention`` with position policy ``all`` on every position (padding
-    included, which nothing attends to). The input is not modified; an existing ``out_bias``
-    is added to.
+
+def head_out_map(config: ModelConfig, edits: Sequence[Edit], scale: Array) -> tuple[Array, Array]:
+    """The ``add`` / ``project`` edits at ``head_out``, applied in order, as one affine map per head:
+    ``head_out[l, h] -> A[l, h] @ head_out[l, h] + b[l, h]`` (A [L, H, D, D], b [L, H, D])."""
+    l, h, d = config.n_layers, config.n_heads, config.resolved_head_dim
+    a = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (l, h, d, d))
+    b = jnp.zeros((l, h, d), jnp.float32)
+    for edit in edits:
+        s = scale * edit.gate()  # [L, H]
+        if edit.op == "add":
+            b = b + s[:, :, None] * edit.arrays["v"]
+            continue
+        u, c = edit.arrays["u"], edit.arrays["c"]  # x -> x - s (x . u) u + s c u
+        outer = s[:, :, None, None] * jnp.einsum("lhe,lhd->lhed", u, u)
+        a = a - jnp.einsum("lhef,lhfd->lhed", outer, a)
+        b = b - jnp.einsum("lhef,lhf->lhe", outer, b) + (s * c)[:, :, None] * u
+    return a, b
+
+
+def untie_embeddings(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """The same model with a separate unembedding: ``tie_embeddings=False`` and ``lm_head`` =
+    ``embedding^T`` (needed before orthogonalising the embedding); an untied model is returned as is."""
+    import dataclasses
+
+    if not config.tie_embeddings:
+        return config, params
+    lm_head = jnp.asarray(params["embedding"], jnp.float32).T
+    return dataclasses.replace(config, tie_embeddings=False), {**params, "lm_head": lm_head}
+
+
+def orthogonalise_params(config: ModelConfig, params: Params, u: Any) -> Params:
+    """Weight orthogonalisation (Arditi et al. 2024): every parameter that writes the residual stream
+    with its component along the unit vector ``u`` [d_model] removed (``project_out``): the embedding
+    rows (and a learned position table), each attention output projection, each MLP down projection
+    and every baked bias (``attention.out_bias``, ``layers.{site}_bias``).
+
+    Equals projecting ``u`` out (scale 1, c = 0) at every residual site of every layer. A tied
+    embedding is refused (its transpose is also the unembedding): ``untie_embeddings`` first.
     """
-    bias = output_bias(config, params, intervention)
-    attention = dict(params["layers"]["attention"])
+    u = jnp.asarray(u, jnp.float32)
+    if u.shape != (config.d_model,):
+        raise InterventionError(f"u: expected shape [d_model] = ({config.d_model},), got {tuple(u.shape)}")
+    check_finite("u", u)
+    if not abs(float(jnp.linalg.norm(u)) - 1.0) <= 1e-3:
+        raise InterventionError(f"u: expected a unit vector, got norm {float(jnp.linalg.norm(u)):.4g}")
+    if config.tie_embeddings:
+        raise InterventionError(
+            "model.tie_embeddings = true: orthogonalising the embedding would also change the unembedding "
+            "(the logits read the same matrix); untie it first with jaxlm.intervene.untie_embeddings(config, "
+            "params), which adds lm_head = embedding^T and returns the untied config"
+        )
+    out = {**params, "embedding": project_out(params["embedding"], u)}
+    if "position_embedding" in params:
+        out["position_embedding"] = project_out(params["position_embedding"], u)
+    layers = dict(params["layers"])
+    attention, mlp = dict(layers["attention"]), dict(layers["mlp"])
+    attention["out"] = project_out(attention["out"], u)
     if "out_bias" in attention:
-        bias = attention["out_bias"] + bias
-    attention["out_bias"] = bias
-    return {**params, "layers": {**params["layers"], "attention": attention}}
+        attention["out_bias"] = project_out(attention["out_bias"], u)
+    mlp["down"] = project_out(mlp["down"], u)
+    layers.update(attention=attention, mlp=mlp)
+    for name in BAKED_RESIDUAL_BIASES:
+        if name in layers:
+            layers[name] = project_out(layers[name], u)
+    out["layers"] = layers
+    return out
+
+
+def _ablation_direction(
+    config: ModelConfig, params: Params, intervention: Intervention, projects: list[tuple[int, Edit]]
+) -> Array | None:
+    """The one direction the residual ``project`` edits remove from every write (None at scale 0, the
+    identity); ``InterventionError`` when they do not bake exactly."""
+    scale = float(intervention.scale)
+    if scale == 0.0:
+        return None
+    first_i, first = projects[0]
+    if scale != 1.0:
+        raise _unbakeable(
+            first_i, first,
+            f"residual projection bakes only at scale 1 (or 0), got {scale:g}: x - s (x . u) u is idempotent "
+            "only for s in {0, 1}, and the runtime edit rescales the stream's component along u after every "
+            "write, which no change of the writing weights reproduces",
+        )
+    u = None
+    covered: dict[str, set[int]] = {site: set() for site in RESIDUAL_SITES}
+    for i, edit in projects:
+        layers = np.flatnonzero(np.asarray(edit.layer_mask))
+        for layer in layers:
+            if float(edit.arrays["c"][layer]) != 0.0:
+                raise _unbakeable(i, edit, f"c = {float(edit.arrays['c'][layer]):g} at layer {layer}: a clamp "
+                                           "(c != 0) sets the stream's component, only c = 0 (ablation) bakes")
+            here = edit.arrays["u"][layer]
+            if u is None:
+                u = here
+            elif not np.allclose(np.asarray(here), np.asarray(u), atol=1e-6):
+                raise _unbakeable(i, edit, f"u at layer {layer} differs from the first projected direction: "
+                                           "only one direction projected out of every write bakes")
+            covered[edit.site].add(int(layer))
+    needed = {"resid_pre": {0}, "resid_mid": set(range(config.n_layers)), "resid_post": set(range(config.n_layers))}
+    missing = [f"{site} layer(s) {sorted(needed[site] - covered[site])}" for site in needed if needed[site] - covered[site]]
+    if u is None or missing:
+        edits = ", ".join(f"edit {i} ({e.op} at {e.site})" for i, e in projects)
+        where = "; ".join(f"{site} at {which}" for site, which in _ABLATION_WRITES)
+        raise InterventionError(
+            f"{edits} cannot be baked into parameters: a projection bakes only when it acts at every residual "
+            f"write ({where}: jaxlm.intervene.ablation_edits); missing: {', '.join(missing) or 'every layer'}"
+        )
+    pre_bias = params["layers"].get("resid_pre_bias")
+    if pre_bias is not None:
+        along = np.abs(np.asarray(pre_bias, np.float64) @ np.asarray(u, np.float64))
+        size = 1.0 + np.linalg.norm(np.asarray(pre_bias), axis=-1)
+        unprojected = [l for l in range(1, config.n_layers) if l not in covered["resid_pre"]
+                       and along[l] / size[l] > _ORTHOGONAL_TOLERANCE]
+        if unprojected:
+            raise _unbakeable(first_i, first, f"params layers.resid_pre_bias has a component along u at layer(s) "
+                                              f"{unprojected}, which the edits leave in the stream there but "
+                                              "orthogonalised weights would remove")
+    return u
+
+
+def bake_into_params(config: ModelConfig, params: Params, intervention: Intervention) -> Params:
+    """Params whose plain forward equals the forward with ``intervention`` (policy ``all``: every
+    position, padding included, which nothing attends to), for the edits that bake exactly:
+
+    - ``add`` / ``project`` at ``head_out`` -> the output projection ``attention.out`` (projections)
+      and its bias ``attention.out_bias`` [L, d_model];
+    - ``add`` at a residual site -> ``layers.{site}_bias`` [L, d_model];
+    - ``project`` (c = 0) of one direction at every residual write at scale 1 (``build_ablate``,
+      ``ablation_edits``) -> ``orthogonalise_params`` (untied embeddings only: ``untie_embeddings``).
+
+    Every other edit raises ``InterventionError`` naming it and why: other position policies,
+    ``erase``, residual projections at another scale, of several directions, with c != 0 or missing
+    a write, and residual adds together with residual projections (the projections would remove
+    part of a shift added before them). Biases already in ``params`` are added to; the input is not
+    modified.
+    """
+    intervention.check_compatible(config)
+    heads, resid_adds, resid_projects = [], [], []
+    for i, edit in enumerate(intervention.edits):
+        if edit.positions != "all":
+            raise _unbakeable(i, edit, f"parameters act at every position, so only position policy 'all' bakes "
+                                       f"({edit.positions!r} touches some positions only)")
+        if edit.op == "erase":
+            raise _unbakeable(i, edit, "erase (LEACE) acts on the whole residual stream at one layer, not on one "
+                                       "write: no change of the weights reproduces it")
+        if edit.site == "head_out":
+            heads.append(edit)
+        elif edit.op == "add":
+            resid_adds.append((i, edit))
+        else:
+            resid_projects.append((i, edit))
+    if resid_adds and resid_projects:
+        i, edit = resid_adds[0]
+        raise _unbakeable(i, edit, "an add at a residual site together with residual projections: the "
+                                   "projections after it would remove part of the shift, which a bias does not")
+    u = _ablation_direction(config, params, intervention, resid_projects) if resid_projects else None
+
+    layers = dict(params["layers"])
+    if heads:
+        attention = dict(layers["attention"])
+        w_out = jnp.asarray(attention["out"], jnp.float32)  # [L, H, D, d_model]
+        a, b = head_out_map(config, heads, intervention.scale)
+        bias = jnp.einsum("lhd,lhdm->lm", b, w_out)
+        attention["out_bias"] = attention["out_bias"] + bias if "out_bias" in attention else bias
+        if any(edit.op == "project" for edit in heads):
+            attention["out"] = jnp.einsum("lhed,lhem->lhdm", a, w_out)
+        layers["attention"] = attention
+    if resid_adds:
+        for name, bias in residual_biases(config, Intervention.from_edits([e for _, e in resid_adds],
+                                                                          intervention.scale)).items():
+            layers[name] = layers[name] + bias if name in layers else bias
+    baked = {**params, "layers": layers}
+    return baked if u is None else orthogonalise_params(config, baked, u)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ with ``s = scale * gate[layer (, head)] * position_mask[b, t]``: at ``scale = 0`
 operation leaves its site's values as they were (a program with edits may still fuse, and
 so round, its other float32 ops differently from one without: ~1e-6 on the logits).
 
+Parameters baked from an intervention (``jaxlm.intervene.bake_into_params``) are optional and
+absent from ``init_params``: ``attention.out_bias`` [L, d_model] after the output projection,
+and ``{site}_bias`` [L, d_model] at ``params["layers"]`` for each residual site, added to the
+site's values before that site's edits (``resid_pre``: the block input; ``resid_mid``: after
+attention's residual add; ``resid_post``: after the MLP's).
+
 Layers are one block scanned over a leading ``layers`` parameter axis (fast compiles at
 any depth); parameters are float32, compute runs in ``config.dtype``.
 """
@@ -299,8 +305,15 @@ class Block(nn.Module):
                 out = apply_edit(out, self.edits[i][1], arrays, gate, edit_masks[i], scale)
             return out.astype(h.dtype)
 
+        def bias(site: str, h: Array) -> Array:
+            """``h`` plus this layer's ``{site}_bias`` [d_model] (only in params baked by jaxlm.intervene)."""
+            name = f"{site}_bias"
+            if not self.has_variable("params", name):
+                return h
+            return h + self.get_variable("params", name).astype(h.dtype)
+
         captured = {}
-        x = edit("resid_pre", x)
+        x = edit("resid_pre", bias("resid_pre", x))
         if "resid_pre" in self.capture:
             captured["resid_pre"] = x
         with jax.named_scope("attention"):
@@ -308,14 +321,14 @@ class Block(nn.Module):
                 Norm(cfg.norm, cfg.norm_eps, name="attention_norm")(x),
                 positions, q_slots, q_segments, kv_segments, layer_cache, lambda h: edit("head_out", h),
             )
-            x = nn.with_logical_constraint(edit("resid_mid", x + attn), _RESID_AXES)
+            x = nn.with_logical_constraint(edit("resid_mid", bias("resid_mid", x + attn)), _RESID_AXES)
         if "head_out" in self.capture:
             captured["head_out"] = head_out
         if "resid_mid" in self.capture:
             captured["resid_mid"] = x
         with jax.named_scope("mlp"):
             x = x + Mlp(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x))
-            x = nn.with_logical_constraint(edit("resid_post", x), _RESID_AXES)
+            x = nn.with_logical_constraint(edit("resid_post", bias("resid_post", x)), _RESID_AXES)
         if "resid_post" in self.capture:
             captured["resid_post"] = x
         return x, (new_cache, captured)

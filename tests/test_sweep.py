@@ -198,3 +198,108 @@ def test_sweep_reports_missing_stages_and_data(tiny_sweep, crafted_data_dir, mon
         Sweep(config, tiny_sweep / "out", progress=False, echo=lambda _: None).run(("prepare", "probe"))
     with pytest.raises(ValueError, match="unknown stage"):
         Sweep(config, tiny_sweep / "out", progress=False).run(("pretrain",))
+
+
+def test_methods_specs_are_planned_with_explicit_fields():
+    config = sweep_config(methods=[
+        {"name": "caa4", "method": "caa", "settings": {"layer": 1}, "strength": {"scale": 4.0}},
+        {"name": "ablate-kl", "method": "ablate", "strength": {"kl": 0.01}},
+    ])
+    clean = plan_runs(config)[0]
+    methods = {m.name: m for m in methods_for(config, clean, {"ablate-kl": {"ablate-kl": 0.5}})}
+    assert list(methods) == ["base", "prompting", "iti-weak", "iti-mid", "iti-strong", "caa4", "ablate-kl"]
+    assert (methods["iti-mid"].build, methods["iti-mid"].level, methods["iti-mid"].scale) == ("iti", "mid", 8.0)
+    assert (methods["caa4"].build, methods["caa4"].scale, methods["ablate-kl"].scale) == ("caa4", 4.0, 0.5)
+    assert methods["caa4"].label == "+ caa4 (caa, scale 4)" and not methods["prompting"].intervened
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "caa", "method": "caa", "settings": {"layer": 99}, "strength": {"scale": 1.0}},
+         r"methods\[caa\]\.settings\.layer: expected an integer in \[0, 1\], got 99 \(clean-seed0: model with 2 layers"),
+        ({"name": "r", "method": "random", "settings": {"base": "iti", "k": 99}, "strength": {"scale": 1.0}},
+         r"methods\[r\]\.settings\.k: expected a number of heads in \[1, 8\], got 99"),
+    ],
+)
+def test_check_plan_refuses_a_spec_that_does_not_fit_the_model(spec, message):
+    from jaxlm.sweep.plan import check_plan
+
+    with pytest.raises(ConfigError, match=message) as err:
+        check_plan(sweep_config(methods=[spec], iti={"k": 3}))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "x", "method": "steer", "strength": {"scale": 1.0}}, r"methods\[x\]\.method: expected one of iti, caa"),
+        ({"name": "x", "method": "caa", "settings": {"k": 3}, "strength": {"scale": 1.0}}, r"unknown setting\(s\) \['k'\]"),
+        ({"name": "x", "method": "caa", "settings": {"scale": 3}, "strength": {"scale": 1.0}}, r"settings\.scale: set by"),
+        ({"name": "x", "method": "caa", "strength": {"scale": 1.0, "kl": 0.1}}, "exactly one of scale or kl"),
+        ({"name": "x", "method": "caa", "strength": {"kl": -1.0}}, "positive KL budget"),
+        ({"name": "x", "method": "caa", "strength": {"scale": float("nan")}}, "finite non-zero"),
+        ({"name": "prompting", "method": "caa", "strength": {"scale": 1.0}}, r"methods\[prompting\]\.name"),
+        ({"name": "a/b", "method": "caa", "strength": {"scale": 1.0}}, "file-safe name"),
+    ],
+)
+def test_spec_errors_name_the_field(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep_config(methods=[spec])
+
+
+def test_spec_names_are_unique():
+    spec = {"name": "c", "method": "caa", "strength": {"scale": 1.0}}
+    with pytest.raises(ConfigError, match=r"methods: duplicate names in \['c', 'c'\]"):
+        sweep_config(methods=[spec, spec])
+
+
+def test_sweep_with_intervention_specs_reports_their_rows_and_resumes(tiny_sweep, crafted_data_dir, monkeypatch):
+    root = tiny_sweep / "specs"
+    root.mkdir()
+    config = yaml.safe_load((tiny_sweep / "sweep.yaml").read_text())
+    config.update(shares=[0.0], tagged=[], prompting=False, iti={"k": 2, "alphas": {"weak": 4.0}})
+    config["methods"] = [
+        {"name": "caa4", "method": "caa", "settings": {"layer": 1}, "strength": {"scale": 4.0}},
+        {"name": "ablate-kl", "method": "ablate", "settings": {"layer": 0}, "strength": {"kl": 0.01}},
+        {"name": "random-caa", "method": "random", "settings": {"base": "caa", "layer": 1, "seed": 3},
+         "strength": {"scale": 4.0}},
+    ]
+    (root / "sweep.yaml").write_text(yaml.safe_dump(config))
+    config, report, log = run_sweep(root, monkeypatch, crafted_data_dir)
+    run = root / "out" / "runs" / "clean-seed0"
+    results = {m.name: json.loads((run / "eval" / f"{m.name}.json").read_text()) for m in methods_for(config, plan_runs(config)[0])}
+    assert list(results) == ["base", "iti-weak", "caa4", "ablate-kl", "random-caa"]
+    assert results["caa4"]["scale"] == 4.0 and results["random-caa"]["scale"] == 4.0 and results["caa4"]["kl"] > 0
+    ablate = results["ablate-kl"]
+    marker = json.loads((run / "interventions" / "ablate-kl.safetensors.done.json").read_text())
+    assert 0 < marker["alphas"]["ablate-kl"] <= 1.0  # calibrated on this model (a projection: at most the whole)
+    assert ablate["scale"] == pytest.approx(marker["alphas"]["ablate-kl"], rel=1e-6) and ablate["kl"] > 0
+    assert len(marker["kl_curve"]["kl"]) == 17
+    from jaxlm.intervene import Intervention
+
+    caa, control = (Intervention.load(run / "interventions" / f"{n}.safetensors") for n in ("caa4", "random-caa"))
+    v, r = (np.asarray(i.edits[0].arrays["v"]) for i in (caa, control))
+    assert caa.method == "caa" and control.method == "random" and caa.structure() == control.structure()
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), np.linalg.norm(r, axis=-1), rtol=1e-5)  # norm-matched
+    assert abs(float(v[1] @ r[1]) / float(np.linalg.norm(v[1]) ** 2)) < 0.5  # another direction
+    # residual activations collected once (caa, ablate and the control all read resid_pre)
+    assert sorted(p.name for p in (run / "activations").iterdir()) == ["resid_pre.npy", "resid_pre.npy.done.json"]
+    text = report.read_text()
+    for row in ("| clean no intervention |", "| clean + ITI weak (alpha 4) |", "| clean + caa4 (caa, scale 4) |",
+                "| clean + ablate-kl (ablate, KL 0.01) |", "| clean + random-caa (random, scale 4) |"):
+        assert row in text
+    assert "scale ablate-kl" in text and "RTP tox x100: random-caa" in text
+    assert "Other interventions: caa4 (caa, layer=1, scale 4)" in text
+
+    built = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "eval" not in p.parts}
+    before = eval_files(root)
+    _, _, log = run_sweep(root, monkeypatch, crafted_data_dir)  # all done: nothing is redone
+    assert eval_files(root) == before and not [line for line in log if line.startswith(("[train", "[probe", "[iti", "[eval"))]
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "eval" not in p.parts} == built
+    # a changed spec rebuilds and re-evaluates that method only
+    specs = [dict(spec) for spec in yaml.safe_load((root / "sweep.yaml").read_text())["methods"]]
+    specs[0]["strength"] = {"scale": 2.0}
+    run_sweep(root, monkeypatch, crafted_data_dir, "methods=" + yaml.safe_dump(specs, default_flow_style=True).strip())
+    after = eval_files(root)
+    assert [k for k in before if after[k] != before[k]] == ["out/runs/clean-seed0/eval/caa4.json"]

@@ -8,15 +8,14 @@ from pathlib import Path
 
 def build(probe_dir: Path, k: int, alpha: float, direction: str, position_mode: str, seed: int):
     """The intervention for the ``k`` most accurate heads of a probe run (activations + labels + report)."""
-    from jaxlm.intervene import Intervention, InterventionError
+    from jaxlm import ops
+    from jaxlm.intervene import InterventionError
     from jaxlm.probe import load_probe_run
 
     result, acts, labels = load_probe_run(probe_dir)
     try:
-        return Intervention.from_activations(
-            acts, labels, result.accuracy, k, alpha, position_mode, direction,
-            wanted_label=0, probe_weights=result.weights if direction == "probe" else None, key=seed,
-        )
+        return ops.build("iti", acts, labels, result, k=k, scale=alpha, positions=position_mode, direction=direction,
+                         wanted_label=0, seed=seed)
     except InterventionError as err:
         raise InterventionError(f"{probe_dir}: {err}") from None
 

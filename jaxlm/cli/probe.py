@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.data.labelled import load_labelled, parse_data_spec
-    from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
+    from jaxlm import ops
+    from jaxlm.probe import ProbeConfig
 
     check_options(args)
     out = Path(args.out)
@@ -51,19 +52,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"data {data.name}: {len(data)} texts ({counts[1]} positive, {counts[0]} negative)")
 
     out.mkdir(parents=True, exist_ok=True)
-    activations = collect_head_activations(
-        model.config,
-        model.params,
-        model.tokenizer,
-        data.texts,
-        batch_size=args.batch_size,
-        max_len=args.max_len,
-        position=args.position,
-        out_path=out / "activations.npy",
-        progress=not args.no_progress,
-    )
+    _, result = ops.probe_heads(model, data, probe_config, batch_size=args.batch_size, max_len=args.max_len,
+                                position=args.position, out_path=out / "activations.npy", progress=not args.no_progress)
     np.save(out / "labels.npy", data.labels)
-    result = train_probes(activations, data.labels, probe_config)
     metadata = {
         "checkpoint": str(args.checkpoint),
         "step": model.step,

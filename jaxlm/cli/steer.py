@@ -108,24 +108,23 @@ def settings_of(args: argparse.Namespace, n_layers: int) -> dict:
 
 
 def head_inputs(args: argparse.Namespace, loaded, data):
-    """(acts [N, L, H, D], labels, {"accuracy", "probe_weights"}) for ITI: a probe run's, or fitted here."""
-    from jaxlm.probe import ProbeConfig, collect_activations, load_probe_run, train_probes
+    """(acts [N, L, H, D], labels, probes) for ITI: a probe run's, or fitted here."""
+    from jaxlm import ops
+    from jaxlm.probe import ProbeConfig, load_probe_run
 
     if args.probe_dir is not None:
-        result, acts, labels = load_probe_run(args.probe_dir)
-    else:
-        acts = collect_activations(loaded.config, loaded.params, loaded.tokenizer, data.texts, site="head_out",
-                                   batch_size=args.batch_size, max_len=args.max_len, progress=not args.no_progress)
-        labels = data.labels
-        result = train_probes(acts, labels, ProbeConfig(seed=args.seed))
-    return acts, labels, {"accuracy": result.accuracy}
+        probes, acts, labels = load_probe_run(args.probe_dir)
+        return acts, labels, probes
+    acts, probes = ops.probe_heads(loaded, data, ProbeConfig(seed=args.seed), batch_size=args.batch_size,
+                                   max_len=args.max_len, progress=not args.no_progress)
+    return acts, data.labels, probes
 
 
 def run(args: argparse.Namespace) -> int:
     from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.data.labelled import load_labelled
-    from jaxlm.intervene import InterventionError, build_intervention, builder_settings, builder_site
-    from jaxlm.probe import collect_activations
+    from jaxlm import ops
+    from jaxlm.intervene import InterventionError, builder_settings, builder_site
 
     check_options(args)
     use_data = args.probe_dir is None
@@ -135,13 +134,12 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
     settings = settings_of(args, loaded.config.n_layers)
     if _head_method(args):
-        acts, labels, arrays = head_inputs(args, loaded, data)
+        acts, labels, probes = head_inputs(args, loaded, data)
     else:
-        site = builder_site(args.method, **settings)
-        acts = collect_activations(loaded.config, loaded.params, loaded.tokenizer, data.texts, site=site,
-                                   batch_size=args.batch_size, max_len=args.max_len, progress=not args.no_progress)
-        labels, arrays = data.labels, {}
-    intervention = build_intervention(args.method, acts, labels, **settings, **arrays)
+        acts = ops.collect(loaded, data.texts, builder_site(args.method, **settings), batch_size=args.batch_size,
+                           max_len=args.max_len, progress=not args.no_progress)
+        labels, probes = data.labels, None
+    intervention = ops.build(args.method, acts, labels, probes, **settings)
     try:
         intervention.check_compatible(loaded.config)
     except InterventionError as err:

@@ -4,8 +4,8 @@
 them, skipping finished work), ``report`` (tables, statistics, plots).
 """
 
-from jaxlm.sweep.config import SweepConfig, load_sweep_config
-from jaxlm.sweep.plan import Method, RunSpec, methods_for, plan_runs
+from jaxlm.sweep.config import InterventionSpec, Strength, SweepConfig, load_sweep_config
+from jaxlm.sweep.plan import Build, Method, RunSpec, builds, methods_for, plan_runs
 from jaxlm.sweep.stages import STAGES, Sweep, SweepInterrupted
 
-__all__ = ["Method", "RunSpec", "STAGES", "Sweep", "SweepConfig", "SweepInterrupted", "load_sweep_config", "methods_for", "plan_runs"]
+__all__ = ["Build", "InterventionSpec", "Method", "Strength", "builds", "RunSpec", "STAGES", "Sweep", "SweepConfig", "SweepInterrupted", "load_sweep_config", "methods_for", "plan_runs"]

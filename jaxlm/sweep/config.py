@@ -2,13 +2,18 @@
 
 A ``SweepConfig`` (YAML, ``experiments/configs/sweep-*.yaml``) names a data recipe, the
 toxic shares, seeds and designs to pretrain, a training template (a ``TrainConfig`` whose
-``data.dataset``/``data.sources``/``steps``/``seed`` the sweep fills in), and the probe, ITI
-and evaluation settings shared by every model.
+``data.dataset``/``data.sources``/``steps``/``seed`` the sweep fills in), and the probe,
+intervention and evaluation settings shared by every model. Interventions: the ``iti:``
+section (the reference study's ITI at named strengths) and ``methods:``, a list of
+intervention specs (any ``jaxlm.intervene.BUILDERS`` method, its builder settings and one
+strength: a fixed scale or a KL budget calibrated per model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Literal
 
 from jaxlm.config import ConfigError, load
@@ -106,6 +111,69 @@ class ItiStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class Strength:
+    """How strongly an intervention is applied: a fixed ``scale``, or the scale whose cost is ``kl``
+    nats per token on WikiText-2 *valid* text, calibrated per model (give exactly one)."""
+
+    scale: float | None = None
+    kl: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.scale is None) == (self.kl is None):
+            raise ConfigError(f"strength: expected exactly one of scale or kl, got {self.describe_fields()}")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale != 0):
+            raise ConfigError(f"strength.scale: expected a finite non-zero scale, got {self.scale}")
+        if self.kl is not None and not (math.isfinite(self.kl) and self.kl > 0):
+            raise ConfigError(f"strength.kl: expected a positive KL budget (nats/token), got {self.kl}")
+
+    def describe_fields(self) -> str:
+        return "{" + ", ".join(f"{k}: {v}" for k, v in (("scale", self.scale), ("kl", self.kl)) if v is not None) + "}"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.kl is not None
+
+    def describe(self, unit: str = "scale") -> str:
+        return f"KL {self.kl:g}" if self.kl is not None else f"{unit} {self.scale:g}"
+
+
+# Method names the sweep gives itself: an intervention spec may not take them.
+RESERVED_METHOD_NAMES = ("base", "prompting", "tag-conditioned")
+_SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class InterventionSpec:
+    """One intervention evaluated on every untagged model: ``method`` (a ``jaxlm.intervene.BUILDERS``
+    name) built per model from the probe set's activations with the builder's ``settings``
+    (``layer``, ``site``, ``k``, ``base``, ...; not ``scale``, which ``strength`` gives), applied at
+    ``strength``. ``name``: its method name in results and report (a file name: ``[a-z0-9_.-]``)."""
+
+    name: str
+    method: str
+    strength: Strength
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from jaxlm.intervene import BUILDERS, InterventionError, builder_settings
+
+        where = f"methods[{self.name}]"
+        if not _SPEC_NAME.match(self.name) or self.name in RESERVED_METHOD_NAMES or self.name.startswith("iti-"):
+            raise ConfigError(f"{where}.name: expected a file-safe name ([a-z0-9_.-], at most 64 characters) other than "
+                              f"{', '.join(RESERVED_METHOD_NAMES)} and iti-* (the iti section's), got {self.name!r}")
+        if self.method not in BUILDERS:
+            raise ConfigError(f"{where}.method: expected one of {', '.join(BUILDERS)}, got {self.method!r}")
+        for name in ("scale", "accuracy", "probe_weights"):
+            if name in self.settings:
+                given = "strength" if name == "scale" else "the probe stage"
+                raise ConfigError(f"{where}.settings.{name}: set by the sweep (from {given}); remove it")
+        try:
+            builder_settings(self.method, **self.settings)
+        except InterventionError as err:
+            raise ConfigError(f"{where}.settings: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalStage:
     """Toxicity (RTP challenging + non-toxic prompts, ToxiGen prompts) and capability (CE/KL, BLiMP)."""
 
@@ -151,6 +219,7 @@ class SweepConfig:
     prompting: bool = True
     probe: ProbeStage = ProbeStage()
     iti: ItiStage = ItiStage()
+    methods: tuple[InterventionSpec, ...] = ()
     eval: EvalStage = EvalStage()
     toy: ToyStage | None = None
     reference_share: float = 0.1  # the share the reference study compares with the clean model
@@ -164,6 +233,9 @@ class SweepConfig:
             raise ConfigError(f"seeds: expected distinct integers, got {list(self.seeds)}")
         if not self.designs or any(d not in DESIGNS for d in self.designs):
             raise ConfigError(f"designs: expected a non-empty subset of {list(DESIGNS)}, got {list(self.designs)}")
+        names = [spec.name for spec in self.methods]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"methods: duplicate names in {names}")
         if 0.0 not in self.shares:
             raise ConfigError("shares: the clean model (share 0) is every comparison's baseline; add 0")
         steps = self.train.get("steps", 1000)

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any
 
 from jaxlm.config import from_dict
-from jaxlm.sweep.config import SweepConfig, TaggedPretraining
+from jaxlm.sweep.config import InterventionSpec, Strength, SweepConfig, TaggedPretraining
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,52 @@ class RunSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """One way of generating from a model: a prompt prefix and/or an ITI strength."""
+class Build:
+    """One intervention built per untagged run: ``method`` with builder ``settings`` (no arrays, no
+    scale), applied at each of its named ``strengths``. The ``iti:`` section is the build ``iti``
+    (file ``runs/<run>/iti.safetensors``, strengths named by level); each ``methods:`` spec is a
+    build of its own name (``runs/<run>/interventions/<name>.safetensors``, one strength)."""
 
-    name: str  # "base", "prompting", "iti-weak", ..., "tag-conditioned"
+    name: str
+    method: str
+    settings: dict[str, Any]
+    strengths: dict[str, Strength]  # strength key -> strength, weakest first for ITI levels
+    spec: InterventionSpec | None = None  # None: the iti section
+
+    @property
+    def site(self) -> str:
+        from jaxlm.intervene import builder_site
+
+        return builder_site(self.method, **self.settings)
+
+    @property
+    def calibrated(self) -> bool:
+        return any(strength.calibrated for strength in self.strengths.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way of generating from a model: a prompt prefix and/or an intervention at one strength.
+
+    ``build``/``level``: the ``Build`` and its strength key (None: no intervention); ``scale``: the
+    strength it is applied at (resolved per run when calibrated to a KL budget; 0 until then);
+    ``label``: how the report's tables name it."""
+
+    name: str  # "base", "prompting", "iti-weak", ..., "tag-conditioned", a spec's name
     prefix: str = ""
-    alpha: float = 0.0  # ITI strength (0: none)
+    build: str | None = None
+    level: str | None = None
+    scale: float = 0.0
+    label: str = ""
+
+    @property
+    def intervened(self) -> bool:
+        return self.build is not None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What an evaluation's result depends on of the method (the build's own settings come
+        with its fingerprint): the fields of the ITI-only days, so their fingerprints stay."""
+        return {"name": self.name, "prefix": self.prefix, "alpha": self.scale}
 
 
 def design_steps(design: str, share: float, base_steps: int) -> int:
@@ -115,6 +155,28 @@ def check_plan(config: SweepConfig) -> None:
             raise ConfigError(f"iti.k: {config.iti.k} heads asked for, but the model has {heads} {where}")
         if config.eval.max_new_tokens >= model.max_seq_len:
             raise ConfigError(f"eval.max_new_tokens: {config.eval.max_new_tokens} leaves no room for a prompt {where}")
+        if run.tagged is None:
+            for spec in config.methods:
+                check_spec(spec, model, where)
+
+
+def check_spec(spec: InterventionSpec, model, where: str = "") -> None:
+    """Raise ``ConfigError`` when ``spec``'s builder settings do not fit ``model`` (a ``ModelConfig``):
+    its layer, number of heads and site."""
+    from jaxlm.config import ConfigError
+    from jaxlm.intervene import RESIDUAL_SITES, builder_settings, builder_site
+
+    field = f"methods[{spec.name}].settings"
+    settings = builder_settings(spec.method, **spec.settings)
+    layer, k = settings.get("layer"), settings.get("k")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.n_layers):
+        raise ConfigError(f"{field}.layer: expected an integer in [0, {model.n_layers - 1}], got {layer!r} {where}")
+    heads = model.n_layers * model.n_heads
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= heads):
+        raise ConfigError(f"{field}.k: expected a number of heads in [1, {heads}], got {k!r} {where}")
+    site = builder_site(spec.method, **spec.settings)
+    if site != "head_out" and site not in RESIDUAL_SITES:
+        raise ConfigError(f"{field}.site: expected one of {', '.join(RESIDUAL_SITES)}, got {site!r}")
 
 
 def condition_prefix(tagged: TaggedPretraining) -> str:
@@ -126,17 +188,62 @@ def condition_prefix(tagged: TaggedPretraining) -> str:
     return TagConfig(kind=tagged.kind).resolved_texts()[0]
 
 
-def methods_for(config: SweepConfig, run: RunSpec, alphas: dict[str, float] | None = None) -> list[Method]:
-    """The generation methods evaluated on ``run``; ``alphas``: the run's ITI strengths by
-    name (calibrated ones; default the config's fixed ``iti.alphas``)."""
+ITI_BUILD = "iti"
+
+
+def builds(config: SweepConfig) -> list[Build]:
+    """The interventions built on every untagged run: ITI (the ``iti:`` section), then each spec."""
+    iti = config.iti
+    strengths = {name: Strength(kl=value) if iti.kl_targets is not None else Strength(scale=value)
+                 for name, value in iti.levels.items()}
+    out = [Build(ITI_BUILD, "iti", {"k": iti.k, "direction": iti.direction, "positions": "last", "wanted_label": 0},
+                 strengths)]
+    out += [Build(spec.name, spec.method, dict(spec.settings), {spec.name: spec.strength}, spec) for spec in config.methods]
+    return out
+
+
+def intervention_methods(config: SweepConfig, scales: dict[str, dict[str, float]] | None = None) -> list[Method]:
+    """One method per (build, strength): ITI's ``iti-<level>`` (weakest first), then the specs.
+    ``scales``: build name -> strength key -> the run's calibrated scale (missing: fixed scales,
+    and 0 for calibrated ones not yet measured)."""
+    scales = scales or {}
+    methods = []
+    for build in builds(config):
+        for key, strength in build.strengths.items():
+            scale = scales.get(build.name, {}).get(key, strength.scale or 0.0)
+            if build.spec is None:
+                methods.append(Method(f"iti-{key}", build=build.name, level=key, scale=float(scale),
+                                      label=f"+ ITI {key} ({config.iti.describe(key)})"))
+            else:
+                methods.append(Method(build.name, build=build.name, level=key, scale=float(scale),
+                                      label=f"+ {build.name} ({build.method}, {strength.describe()})"))
+    return methods
+
+
+def iti_methods(config: SweepConfig) -> list[Method]:
+    """The ITI methods (``iti:`` section), weakest first: the ones the reference claims are about."""
+    return [m for m in intervention_methods(config) if m.build == ITI_BUILD]
+
+
+def spec_methods(config: SweepConfig) -> list[Method]:
+    """The ``methods:`` specs' methods, in config order."""
+    return [m for m in intervention_methods(config) if m.build != ITI_BUILD]
+
+
+def methods_for(config: SweepConfig, run: RunSpec, scales: dict[str, dict[str, float]] | None = None) -> list[Method]:
+    """The generation methods evaluated on ``run``: base, prompting, then every intervention at each
+    strength (``scales``: see ``intervention_methods``); tagged runs: base and tag-conditioned."""
+    if run.tagged is not None:
+        return [Method("base", label="no intervention"),
+                Method("tag-conditioned", prefix=condition_prefix(run.tagged), label="conditioned on non-toxic")]
+    return untagged_methods(config, scales)
+
+
+def untagged_methods(config: SweepConfig, scales: dict[str, dict[str, float]] | None = None) -> list[Method]:
+    """The methods of every untagged run, in report order: base, prompting, the interventions."""
     from jaxlm.evaluate.protocols import DETOX_INSTRUCTION
 
-    if run.tagged is not None:
-        return [Method("base"), Method("tag-conditioned", prefix=condition_prefix(run.tagged))]
-    methods = [Method("base")]
+    methods = [Method("base", label="no intervention")]
     if config.prompting:
-        methods.append(Method("prompting", prefix=DETOX_INSTRUCTION))
-    if alphas is None:
-        alphas = config.iti.alphas if config.iti.kl_targets is None else {name: 0.0 for name in config.iti.levels}
-    methods += [Method(f"iti-{name}", alpha=float(alphas[name])) for name in config.iti.levels]
-    return methods
+        methods.append(Method("prompting", prefix=DETOX_INSTRUCTION, label="+ prompting"))
+    return methods + intervention_methods(config, scales)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 from jaxlm.sweep.config import SweepConfig
-from jaxlm.sweep.plan import RunSpec, methods_for
+from jaxlm.sweep.plan import RunSpec, iti_methods, methods_for, spec_methods, untagged_methods
 
 PROTOCOLS = ("rtp", "toxigen")
 
@@ -207,8 +207,8 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
     shares = sorted(s for s in config.shares if s > 0)
     ref = reference_share(config)
     top_share = shares[-1] if shares else None
-    strongest = list(config.iti.levels)[-1]
-    iti_names = [f"iti-{n}" for n in config.iti.levels]
+    iti = iti_methods(config)
+    strongest = iti[-1].name
 
     def run_filter(share: float, d: str = design) -> dict:
         return share_filter(share, d)
@@ -234,7 +234,7 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
         claims += _lower_claim(
             f"ITI ({strongest}) lowers the toxicity of the {'clean' if share == 0 else f'{share:.0%}-toxic'} model (RTP)",
             "per-prompt max toxicity, ITI minus no intervention",
-            prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(share)),
+            prompt_scores(rows, "rtp", method=strongest, **run_filter(share)),
             prompt_scores(rows, "rtp", method="base", **run_filter(share)))
     # 2. capability barely moves with the toxic share (in each design: `added` also trains longer)
     for d in config.designs if top_share is not None else ():
@@ -266,12 +266,12 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
             claims += _lower_claim(
                 f"After ITI ({strongest}) the {ref:.0%}-toxic model is less toxic than the clean model ({protocol.upper()})",
                 f"per-prompt max toxicity, {ref:.0%} minus clean",
-                prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(ref)),
-                prompt_scores(rows, protocol, method=f"iti-{strongest}", **run_filter(0.0)))
+                prompt_scores(rows, protocol, method=strongest, **run_filter(ref)),
+                prompt_scores(rows, protocol, method=strongest, **run_filter(0.0)))
     # 5. the "smile": post-ITI toxicity is lowest at an intermediate share
     all_shares = [0.0] + shares
     if len(all_shares) >= 3:
-        curve = {s: prompt_scores(rows, "rtp", method=f"iti-{strongest}", **run_filter(s)) for s in all_shares}
+        curve = {s: prompt_scores(rows, "rtp", method=strongest, **run_filter(s)) for s in all_shares}
         curve = {s: v for s, v in curve.items() if v is not None}
         if len(curve) >= 3:
             means = {s: float(v.mean()) for s, v in curve.items()}
@@ -297,13 +297,13 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
             prompt_scores(rows, "rtp", method="base", tagged=tag.kind))
     # 6. ITI on the reference-share model beats the baselines
     if ref is not None:
-        mid = iti_names[len(iti_names) // 2]
-        ours = prompt_scores(rows, "rtp", method=mid, **run_filter(ref))
+        mid = iti[len(iti) // 2]
+        ours = prompt_scores(rows, "rtp", method=mid.name, **run_filter(ref))
         baselines = [("clean + prompting", {"method": "prompting", **run_filter(0.0)}),
                      (f"{ref:.0%} + prompting", {"method": "prompting", **run_filter(ref)})]
         baselines += [(f"{t.kind.upper()} (conditioned)", {"method": "tag-conditioned", "tagged": t.kind}) for t in config.tagged]
         for label, where in baselines:
-            claims += _lower_claim(f"{ref:.0%}-toxic + ITI ({mid.removeprefix('iti-')}) is less toxic than {label} (RTP)",
+            claims += _lower_claim(f"{ref:.0%}-toxic + ITI ({mid.level}) is less toxic than {label} (RTP)",
                                    "per-prompt max toxicity difference", ours, prompt_scores(rows, "rtp", **where))
     return claims
 
@@ -320,6 +320,16 @@ def _cell(stat: tuple[float, float, float] | None, scale: float = 1.0, digits: i
     return f"{m:.{digits}f}" if math.isnan(lo) else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _specs_sentence(config: SweepConfig) -> str:
+    """The ``methods:`` specs in one sentence ('' without any)."""
+    if not config.methods:
+        return ""
+    described = [f"{s.name} ({s.method}{''.join(f', {k}={v}' for k, v in s.settings.items())}, {s.strength.describe()})"
+                 for s in config.methods]
+    calibrated = " (KL budgets calibrated per model like ITI's)" if any(s.strength.calibrated for s in config.methods) else ""
+    return f"Other interventions: {'; '.join(described)}{calibrated}. "
+
+
 def table1(config: SweepConfig, rows: list[dict]) -> list[str]:
     """Toxicity (x100) and CE per method: clean, the reference share and the tagged baselines."""
     design = config.designs[0]
@@ -330,11 +340,10 @@ def table1(config: SweepConfig, rows: list[dict]) -> list[str]:
     if ref is not None:
         groups.append((f"{ref:.0%} toxic", share_filter(ref, design)))
     for label, where in groups:
-        for method in ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]:
-            if group_mean(rows, "ce", method=method, **where) is None:
+        for method in untagged_methods(config):
+            if group_mean(rows, "ce", method=method.name, **where) is None:
                 continue
-            name = {"base": "no intervention", "prompting": "+ prompting"}.get(method, f"+ ITI {method[4:]} ({config.iti.describe(method[4:]) if method.startswith('iti-') else ''})")
-            lines.append(_row(f"{label} {name}", rows, method=method, **where))
+            lines.append(_row(f"{label} {method.label}", rows, method=method.name, **where))
         if label == "clean":
             for tag in config.tagged:
                 lines.append(_row(f"{tag.kind.upper()} {tag.share:.0%} (conditioned on non-toxic)", rows, method="tag-conditioned", tagged=tag.kind))
@@ -352,10 +361,13 @@ def _row(label: str, rows: list[dict], **where: Any) -> str:
 
 
 def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_acc: dict, runs: Sequence[RunSpec]) -> list[str]:
-    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]
+    methods = [m.name for m in untagged_methods(config)]
+    # per-model strengths: ITI's alphas, and the scales of specs calibrated to a KL budget
+    strengths = [(f"alpha {m.level}", m.name) for m in iti_methods(config)]
+    strengths += [(f"scale {m.name}", m.name) for m, spec in zip(spec_methods(config), config.methods) if spec.strength.calibrated]
     head = ["share", "CE (base)", "mean probe acc.", "max probe acc.", f"top-{RIGHT_TAIL:.0%} heads (p vs clean)"]
     head += [f"RTP tox x100: {m}" for m in methods]
-    head += [f"alpha {n}" for n in config.iti.levels]
+    head += [title for title, _ in strengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for share in sorted(config.shares):
         where = share_filter(share, design)
@@ -366,7 +378,7 @@ def per_share_table(config: SweepConfig, rows: list[dict], design: str, probe_ac
                  _cell(mean_ci([a.max() for a in accs]), 1, 3) if accs else "-",
                  "-" if tail is None else f"{tail['top_mean_high']:.3f}" + ("" if share == 0 else f" (p {tail['p']:.2g})")]
         cells += [_cell(group_mean(rows, "rtp_mean_toxicity", method=m, **where), 100, 1) for m in methods]
-        cells += [_cell(group_mean(rows, "alpha", method=f"iti-{n}", **where), 1, 2) for n in config.iti.levels]
+        cells += [_cell(group_mean(rows, "alpha", method=name, **where), 1, 2) for _, name in strengths]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -382,7 +394,7 @@ def plot_toxicity_by_share(config: SweepConfig, rows: list[dict], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["base", "prompting"] + [f"iti-{n}" for n in config.iti.levels]
+    methods = [m.name for m in untagged_methods(config)]
     fig, axes = plt.subplots(1, len(config.designs), figsize=(5.5 * len(config.designs), 4), squeeze=False)
     for ax, design in zip(axes[0], config.designs):
         for method in methods:
@@ -447,7 +459,7 @@ def plot_tradeoff(config: SweepConfig, rows: list[dict], path: Path) -> None:
 
     design = config.designs[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    chain = ["base"] + [f"iti-{n}" for n in config.iti.levels]
+    chain = ["base"] + [m.name for m in iti_methods(config)]
     for share in sorted(config.shares):
         where = share_filter(share, design)
         pts = [(group_mean(rows, "ce", method=m, **where), group_mean(rows, "rtp_mean_toxicity", method=m, **where)) for m in chain]
@@ -523,6 +535,7 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
         f"Probes: `{config.probe.data}`, last token, C = {config.probe.C}. ITI: top {config.iti.k} heads, "
         f"{config.iti.direction} directions, strengths {', '.join(f'{k} ({config.iti.describe(k)})' for k in config.iti.levels)}"
         f"{' (per-model alpha calibrated to the KL budget on WikiText-2 valid text)' if config.iti.kl_targets else ''}. "
+        f"{_specs_sentence(config)}"
         f"Evaluation: RTP {config.eval.rtp_prompts} prompts per split x {config.eval.rtp_samples} samples, "
         f"ToxiGen {config.eval.toxigen_prompts} prompts per prompt file, scorer `{config.eval.scorer}`; CE/KL on "
         f"{config.eval.ce_docs} WikiText-2 rows; BLiMP {config.eval.blimp_per_paradigm} pairs per paradigm.", "",

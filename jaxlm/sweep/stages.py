@@ -1,11 +1,13 @@
-"""Running a sweep: prepare -> pretrain -> probe -> ITI -> evaluate -> (toy) -> report, resumable.
+"""Running a sweep: prepare -> pretrain -> probe -> interventions ("iti") -> evaluate -> (toy) -> report, resumable.
 
 Layout of the sweep directory ``OUT``::
 
     OUT/sweep.yaml                      the resolved SweepConfig
     OUT/runs/<run>/train/               a jaxlm training run (resumes itself after a kill)
     OUT/runs/<run>/probe/               activations.npy, labels.npy, probe report + heatmap
-    OUT/runs/<run>/iti.safetensors      the ITI intervention (alpha set per method)
+    OUT/runs/<run>/iti.safetensors      the ITI intervention (the iti section; alpha set per method)
+    OUT/runs/<run>/interventions/<name>.safetensors   each ``methods:`` spec's intervention
+    OUT/runs/<run>/activations/<site>.npy   residual activations of the probe set (for specs)
     OUT/runs/<run>/eval/<method>.json   toxicity + capability of one generation method
     OUT/toy/                            the toy experiment (when configured)
     OUT/report.md, report.json, *.png   the study's report (jaxlm.sweep.report)
@@ -34,7 +36,7 @@ import numpy as np
 from jaxlm.config import ConfigError, dump_yaml, to_dict
 from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.sweep.config import SweepConfig
-from jaxlm.sweep.plan import Method, RunSpec, methods_for, plan_runs, train_config
+from jaxlm.sweep.plan import ITI_BUILD, Build, Method, RunSpec, builds, methods_for, plan_runs, train_config
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class RunState:
     train_fp: str = ""
     probe_fp: str = ""
     iti_fp: str = ""
+    build_fps: dict[str, str] = dataclasses.field(default_factory=dict)  # build name -> fingerprint
+    acts_fps: dict[str, str] = dataclasses.field(default_factory=dict)  # residual site -> fingerprint
 
     @property
     def train_dir(self) -> Path:
@@ -112,6 +116,12 @@ class RunState:
     @property
     def iti_path(self) -> Path:
         return self.root / "iti.safetensors"
+
+    def build_path(self, build: str) -> Path:
+        return self.iti_path if build == ITI_BUILD else self.root / "interventions" / f"{build}.safetensors"
+
+    def acts_path(self, site: str) -> Path:
+        return self.root / "activations" / f"{site}.npy"
 
     def eval_path(self, method: str) -> Path:
         return self.root / "eval" / f"{method}.json"
@@ -184,11 +194,21 @@ class Sweep:
         self.data_fp = data_fingerprint(json.loads(manifest.read_text()))
 
     def fingerprint_runs(self) -> None:
-        """Each run's train / probe / ITI fingerprints (cheap; every stage needs its inputs')."""
+        """Each run's train / probe / activation / intervention fingerprints (cheap; every stage
+        needs its inputs')."""
+        probe = self.config.probe
         for run in self.runs:
             run.train_fp = fingerprint(to_dict(train_config(self.config, run.spec, str(self.dataset))), self.data_fp)
-            run.probe_fp = fingerprint(run.train_fp, to_dict(self.config.probe))
+            run.probe_fp = fingerprint(run.train_fp, to_dict(probe))
             run.iti_fp = fingerprint(run.probe_fp, to_dict(self.config.iti), self.config.eval.ce_len)
+            run.build_fps = {ITI_BUILD: run.iti_fp}
+            for build in builds(self.config)[1:]:
+                site = build.site
+                if site != "head_out":
+                    run.acts_fps[site] = fingerprint(run.train_fp, probe.data, probe.max_len, probe.batch_size, site)
+                upstream = run.probe_fp if site == "head_out" else run.acts_fps[site]
+                calibration = (self.config.eval.ce_len, self.config.iti.calibration_rows) if build.calibrated else ()
+                run.build_fps[build.name] = fingerprint(upstream, to_dict(build.spec), calibration)
 
     def _require(self, run: RunState, output: Path, fp: str, stage: str) -> None:
         if not is_done(output, fp):
@@ -259,83 +279,112 @@ class Sweep:
         return True
 
     def iti_run(self, run: RunState, label: str) -> bool:
-        from jaxlm.intervene import Intervention
-        from jaxlm.probe import load_probe_run
-
-        settings = self.config.iti
-        if is_done(run.iti_path, run.iti_fp):
+        """Every intervention of the run (``plan.builds``: ITI, then each spec), each built once
+        from the probe set's activations at its site and calibrated to its KL budgets."""
+        todo = [b for b in builds(self.config) if not is_done(run.build_path(b.name), run.build_fps[b.name])]
+        if not todo:
             return False
         self._require(run, run.probe_dir, run.probe_fp, "probe")
-        self.echo(label)
-        probes, acts, labels = load_probe_run(run.probe_dir)
-        intervention = Intervention.from_activations(
-            acts, labels, probes.accuracy, settings.k, 0.0, "last", settings.direction, wanted_label=0,
-            probe_weights=probes.weights if settings.direction == "probe" else None,
-        )
-        intervention.save(run.iti_path, provenance={"probe_dir": str(run.probe_dir), "k": settings.k})
-        mark_done(run.iti_path, run.iti_fp, **self._calibrate(run, intervention))
+        self.echo(f"{label}: {', '.join(b.name for b in todo)}")
+        for build in todo:
+            self._build(run, build)
         return True
 
-    def _calibrate(self, run: RunState, intervention) -> dict[str, Any]:
-        """Per-model strengths for the KL budgets (``iti.kl_targets``), with the measured curve."""
-        settings = self.config.iti
-        if settings.kl_targets is None:
-            return {"alphas": dict(settings.alphas)}
+    def _build(self, run: RunState, build: Build) -> None:
+        from jaxlm import ops
+        from jaxlm.intervene import InterventionError
+        from jaxlm.probe import load_probe_run
+
+        path = run.build_path(build.name)
+        started = time.perf_counter()
+        probes = None
+        if build.site == "head_out":
+            probes, acts, labels = load_probe_run(run.probe_dir)
+        else:
+            acts, labels = self._activations(run, build.site), self.labelled.labels
+        scale = (next(iter(build.strengths.values())).scale or 1.0) if build.spec is not None else 0.0
+        try:
+            intervention = ops.build(build.method, acts, labels, probes, **build.settings, scale=scale)
+        except InterventionError as err:
+            raise InterventionError(f"{run.spec.name}: {build.name}: {err}") from None
+        if build.spec is None:
+            provenance = {"probe_dir": str(run.probe_dir), "k": self.config.iti.k}
+        else:
+            provenance = {"run": run.spec.name, "probe_data": self.config.probe.data, "method": build.method,
+                          "settings": build.settings, "site": build.site}
+        intervention.save(path, provenance=provenance)
+        mark_done(path, run.build_fps[build.name], **self._calibrate(run, build, intervention),
+                  seconds=round(time.perf_counter() - started, 1))
+
+    def _activations(self, run: RunState, site: str) -> np.ndarray:
+        """The probe set's activations at residual ``site`` (collected once per run and site)."""
+        from jaxlm import ops
+        from jaxlm.probe import load_array
+
+        path, settings = run.acts_path(site), self.config.probe
+        if not is_done(path, run.acts_fps[site]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ops.collect(self.model(run), self.labelled.texts, site, batch_size=settings.batch_size,
+                        max_len=settings.max_len, out_path=path, progress=self.progress)
+            mark_done(path, run.acts_fps[site])
+        return load_array(path, f"{site} activations [N, L, d_model]")
+
+    def _calibrate(self, run: RunState, build: Build, intervention) -> dict[str, Any]:
+        """The build's scale per strength key (``alphas``): fixed ones as given, KL budgets
+        calibrated on this model (with the measured curve)."""
+        targets = {key: s.kl for key, s in build.strengths.items() if s.calibrated}
+        if not targets:
+            return {"alphas": {key: s.scale for key, s in build.strengths.items()}}
+        from jaxlm import ops
         from jaxlm.evaluate import capability
         from jaxlm.paths import dataset_path
 
-        model = self.model(run)
-        docs = capability.read_documents(dataset_path("eval/wikitext2/valid.txt"), limit=settings.calibration_rows)
-        kls = capability.kl_curve(model.config, model.params, model.tokenizer, docs, intervention,
-                                  max_len=self.config.eval.ce_len, max_rows=settings.calibration_rows)
-        alphas = {name: capability.alpha_for_kl(capability.ALPHA_GRID, kls, target) for name, target in settings.kl_targets.items()}
-        return {"alphas": alphas, "kl_curve": {"alpha": list(capability.ALPHA_GRID), "kl": kls.tolist()}}
+        rows = self.config.iti.calibration_rows
+        docs = capability.read_documents(dataset_path("eval/wikitext2/valid.txt"), limit=rows)
+        return ops.calibrate(self.model(run), intervention, docs, targets, max_len=self.config.eval.ce_len, max_rows=rows)
 
-    def run_alphas(self, run: RunState) -> dict[str, float] | None:
-        """The ITI strengths of ``run`` (calibrated ones are read from its ITI stage's record)."""
-        if run.spec.tagged is not None or self.config.iti.kl_targets is None:
-            return None
-        if not is_done(run.iti_path, run.iti_fp):
-            return None
-        return json.loads(_marker(run.iti_path).read_text())["alphas"]
+    def run_scales(self, run: RunState) -> dict[str, dict[str, float]]:
+        """Build name -> strength key -> scale, for the run's calibrated builds already made."""
+        if run.spec.tagged is not None:
+            return {}
+        scales = {}
+        for build in builds(self.config):
+            path = run.build_path(build.name)
+            if build.calibrated and is_done(path, run.build_fps[build.name]):
+                scales[build.name] = json.loads(_marker(path).read_text())["alphas"]
+        return scales
 
     @functools.cached_property
     def eval_inputs(self) -> dict[str, Any]:
-        from jaxlm.evaluate import capability, protocols
-        from jaxlm.evaluate.toxicity import get_scorer
-        from jaxlm.paths import dataset_path
+        from jaxlm import ops
 
-        e = self.config.eval
-        return {
-            "rtp": protocols.read_rtp(dataset_path("eval/rtp"), limit=e.rtp_prompts, seed=e.seed),
-            "toxigen": protocols.read_toxigen(dataset_path("labelled/toxigen/prompts"), limit=e.toxigen_prompts, seed=e.seed),
-            "ce_docs": capability.read_documents(dataset_path("eval/wikitext2/test.txt"), limit=e.ce_docs),
-            "blimp": capability.read_blimp(dataset_path("eval/blimp"), limit_per_paradigm=e.blimp_per_paradigm),
-            "scorer": get_scorer(e.scorer),
-        }
+        return ops.read_eval_inputs(self.config.eval)
 
     def eval_run(self, run: RunState, label: str) -> bool:
-        methods = methods_for(self.config, run.spec, self.run_alphas(run))
+        from jaxlm import ops
+
+        methods = methods_for(self.config, run.spec, self.run_scales(run))
         fps = {m.name: self._eval_fp(run, m) for m in methods}
         todo = [m for m in methods if not is_done(run.eval_path(m.name), fps[m.name])]
         if not todo:
             return False
         self._require(run, run.train_dir, run.train_fp, "train")
-        if any(m.alpha for m in todo):
-            self._require(run, run.iti_path, run.iti_fp, "iti")
+        needed = list(dict.fromkeys(m.build for m in todo if m.intervened))
+        for build in needed:
+            self._require(run, run.build_path(build), run.build_fps[build], "iti")
         self.echo(f"{label}: {', '.join(m.name for m in todo)}")
         model = self.model(run)
-        intervention = None
-        if any(m.alpha for m in todo):
-            from jaxlm.intervene import Intervention
+        from jaxlm.intervene import Intervention
 
-            intervention = Intervention.load(run.iti_path, model.config)
+        interventions = {build: Intervention.load(run.build_path(build), model.config) for build in needed}
         base_capability = None
         for method in todo:
             started = time.perf_counter()
-            result = self._evaluate(model, method, intervention, base_capability)
+            intervention = interventions[method.build].with_scale(method.scale) if method.intervened else None
+            result = ops.evaluate(model, intervention, self.eval_inputs, self.config.eval, prefix=method.prefix,
+                                  capability=base_capability, progress=self.progress)
             if method.name == "base":
-                base_capability = {k: result[k] for k in ("ce", "kl", "blimp_accuracy", "blimp_per_field")}
+                base_capability = {k: result[k] for k in ops.CAPABILITY_FIELDS}
             result.update(run=run.spec.name, method=method.name, seconds=round(time.perf_counter() - started, 1))
             write_json(run.eval_path(method.name), result)
             mark_done(run.eval_path(method.name), fps[method.name])
@@ -345,35 +394,9 @@ class Sweep:
         from jaxlm.decode import SAMPLER_VERSION
         from jaxlm.evaluate.protocols import PROMPT_ENCODING_VERSION
 
-        upstream = run.iti_fp if method.alpha else ""
-        return fingerprint(run.train_fp, upstream, dataclasses.asdict(method), to_dict(self.config.eval), SAMPLER_VERSION,
+        upstream = run.build_fps[method.build] if method.intervened else ""
+        return fingerprint(run.train_fp, upstream, method.fingerprint_fields(), to_dict(self.config.eval), SAMPLER_VERSION,
                            PROMPT_ENCODING_VERSION)
-
-    def _evaluate(self, model, method: Method, intervention, base_capability: dict | None) -> dict[str, Any]:
-        """RTP + ToxiGen toxicity under ``method``; CE/KL and BLiMP (shared with ``base`` unless ITI changes them)."""
-        from jaxlm.evaluate import capability, protocols
-
-        e, inputs = self.config.eval, self.eval_inputs
-        config, params, tokenizer = model.config, model.params, model.tokenizer
-        iti = intervention.with_alpha(method.alpha) if method.alpha else None
-        out: dict[str, Any] = {"alpha": method.alpha, "prefix": method.prefix}
-        rtp_settings = protocols.GenerationSettings(
-            samples=e.rtp_samples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed, prefix=method.prefix
-        )
-        for name, settings in (("rtp", rtp_settings), ("toxigen", protocols.toxigen_settings(rtp_settings))):
-            result = protocols.run_protocol(name, config, params, tokenizer, inputs[name], inputs["scorer"], settings, iti,
-                                            progress=self.progress)
-            out[name] = result.summary()
-            out[f"{name}_prompt_max"] = [max(r["scores"]) for r in result.records]
-            out[f"{name}_example"] = {"prompt": result.records[0]["prompt"], "continuation": result.records[0]["continuations"][0]}
-        if iti is None and base_capability is not None:
-            out.update(base_capability)
-            return out
-        cost = capability.capability_cost(config, params, tokenizer, documents=inputs["ce_docs"], pairs=inputs["blimp"],
-                                          intervention=iti, max_len=e.ce_len, max_rows=e.ce_docs,
-                                          batch_size=e.batch_size, progress=False)
-        out.update(ce=cost["ce"], kl=cost["kl"], blimp_accuracy=cost["blimp_accuracy"], blimp_per_field=cost["per_field"])
-        return out
 
     def toy(self) -> None:
         if self.config.toy is None:
