@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxlm.batching import pad_tokens, round_up
 from jaxlm.config import ModelConfig
 from jaxlm.errors import JaxlmError
 from jaxlm.intervene import Intervention
@@ -141,15 +142,8 @@ def left_pad(
         if len(seq) == 0:
             raise GenerationError(f"left_pad: sequence {i} is empty (a prompt needs at least one token)")
     longest = max(len(s) for s in sequences)
-    p = length if length is not None else longest
-    p = -(-p // multiple) * multiple
-    tokens = np.full((len(sequences), p), pad_id, np.int32)
-    mask = np.zeros((len(sequences), p), bool)
-    for i, seq in enumerate(sequences):
-        seq = list(seq)[-p:]
-        tokens[i, p - len(seq):] = seq
-        mask[i, p - len(seq):] = True
-    return tokens, mask
+    p = round_up(length if length is not None else longest, multiple)
+    return pad_tokens(sequences, p, side="left", pad_id=pad_id)
 
 
 def keep_last_tokens(
@@ -179,12 +173,6 @@ def keep_last_tokens(
             "their last tokens", cut, len(kept), what, limit, f"their {len(head)}-token prefix and " if head else "",
         )
     return kept, cut
-
-
-def padded_batch_size(n_rows: int, batch_size: int) -> int:
-    """The batch shape for ``n_rows`` rows in batches of ``batch_size``: a job smaller than one
-    batch is padded to a multiple of 8 rows, not to ``batch_size`` (one shape per job size)."""
-    return min(batch_size, -(-n_rows // 8) * 8)
 
 
 def _prompt_mask(tokens: Array, prompt_mask: Array | None, prompt_lengths: Array | None) -> Array:

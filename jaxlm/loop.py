@@ -53,6 +53,7 @@ from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.optim import OptimizerConfig
 from jaxlm.sharding import make_mesh
 from jaxlm.train import Trainer
+from jaxlm.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,6 @@ def copy_tokenizer(source: Path | None, run_dir: Path, fresh: bool) -> None:
         tmp = target.with_name(f"{target.name}.tmp")
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
-
-
-def package_versions() -> dict[str, str | None]:
-    from jaxlm.cli.info import package_versions as versions
-
-    return versions()
 
 
 METRICS_FILE = "metrics.jsonl"

@@ -7,6 +7,7 @@ a model with an intervention (RTP and ToxiGen toxicity, CE/KL, BLiMP).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -75,21 +76,107 @@ def calibrate(model, intervention: Intervention, documents: Sequence[str], targe
     return {"alphas": alphas, "kl_curve": {"alpha": list(grid), "kl": kls.tolist()}}
 
 
-def read_eval_inputs(settings) -> dict[str, Any]:
-    """The evaluation corpora and scorer ``settings`` (a ``jaxlm.sweep.config.EvalStage``) asks for:
-    RTP and ToxiGen prompts, WikiText-2 test rows, BLiMP pairs (``$JAXLM_DATA_DIR``)."""
+EVAL_SUITES = ("rtp", "toxigen", "ce", "blimp")
+TOXICITY_SUITES = ("rtp", "toxigen")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How one evaluation of a model x intervention reads its corpora and generates: the fields of
+    the sweep's ``EvalStage`` plus ``top_p``. A prompt/pair limit of None reads everything."""
+
+    rtp_prompts: int | None = 100  # per RTP file (toxic.jsonl, nontoxic.jsonl)
+    rtp_samples: int = 5
+    max_new_tokens: int = 20  # RTP continuation length (ToxiGen: 30, cut at the line end)
+    toxigen_prompts: int | None = 4  # per ToxiGen prompt file
+    ce_docs: int = 64  # WikiText-2 test rows
+    ce_len: int = 128
+    blimp_per_paradigm: int | None = 10
+    batch_size: int = 64
+    scorer: str = "default"
+    seed: int = 0
+    top_p: float = 0.9
+
+    @classmethod
+    def of(cls, settings) -> "EvalSettings":
+        """``settings`` itself, or the ``EvalSettings`` with the fields a config dataclass (an
+        ``EvalStage``) shares with it, the rest at their defaults."""
+        if isinstance(settings, cls):
+            return settings
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name in names})
+
+
+def _check_suites(suites: Sequence[str]) -> tuple[str, ...]:
+    from jaxlm.evaluate.protocols import EvaluationError
+
+    unknown = [s for s in suites if s not in EVAL_SUITES]
+    if unknown or not suites:
+        raise EvaluationError(f"suites: expected some of {', '.join(EVAL_SUITES)}, got {list(suites)!r}")
+    return tuple(suites)
+
+
+def read_eval_inputs(settings, suites: Sequence[str] = EVAL_SUITES, data_dir: str | None = None) -> dict[str, Any]:
+    """The corpora of ``suites`` (``EVAL_SUITES``) and, for RTP/ToxiGen, the scorer that ``settings``
+    (an ``EvalSettings`` or ``EvalStage``) asks for: keys ``rtp``, ``toxigen`` (prompts), ``ce_docs``
+    (WikiText-2 test rows), ``blimp`` (pairs), ``scorer``. ``data_dir``: default ``$JAXLM_DATA_DIR``."""
     from jaxlm.evaluate import capability, protocols
     from jaxlm.evaluate.toxicity import get_scorer
     from jaxlm.paths import dataset_path
 
-    e = settings
-    return {
-        "rtp": protocols.read_rtp(dataset_path("eval/rtp"), limit=e.rtp_prompts, seed=e.seed),
-        "toxigen": protocols.read_toxigen(dataset_path("labelled/toxigen/prompts"), limit=e.toxigen_prompts, seed=e.seed),
-        "ce_docs": capability.read_documents(dataset_path("eval/wikitext2/test.txt"), limit=e.ce_docs),
-        "blimp": capability.read_blimp(dataset_path("eval/blimp"), limit_per_paradigm=e.blimp_per_paradigm),
-        "scorer": get_scorer(e.scorer),
-    }
+    e, suites = EvalSettings.of(settings), _check_suites(suites)
+    inputs: dict[str, Any] = {}
+    if "rtp" in suites:
+        inputs["rtp"] = protocols.read_rtp(dataset_path("eval/rtp", data_dir), limit=e.rtp_prompts, seed=e.seed)
+    if "toxigen" in suites:
+        inputs["toxigen"] = protocols.read_toxigen(dataset_path("labelled/toxigen/prompts", data_dir),
+                                                   limit=e.toxigen_prompts, seed=e.seed)
+    if "ce" in suites:
+        inputs["ce_docs"] = capability.read_documents(dataset_path("eval/wikitext2/test.txt", data_dir), limit=e.ce_docs)
+    if "blimp" in suites:
+        inputs["blimp"] = capability.read_blimp(dataset_path("eval/blimp", data_dir), limit_per_paradigm=e.blimp_per_paradigm)
+    if set(TOXICITY_SUITES) & set(suites):
+        inputs["scorer"] = get_scorer(e.scorer)
+    return inputs
+
+
+def generation_settings(name: str, settings, prefix: str = ""):
+    """The ``protocols.GenerationSettings`` protocol ``name`` (rtp, toxigen) samples with under
+    ``settings``, every prompt after ``prefix``."""
+    from jaxlm.evaluate import protocols
+
+    if name not in TOXICITY_SUITES:
+        raise protocols.EvaluationError(f"toxicity protocol: expected one of {', '.join(TOXICITY_SUITES)}, got {name!r}")
+    e = EvalSettings.of(settings)
+    rtp = protocols.GenerationSettings(samples=e.rtp_samples, max_new_tokens=e.max_new_tokens, top_p=e.top_p,
+                                       batch_size=e.batch_size, seed=e.seed, prefix=prefix)
+    return rtp if name == "rtp" else protocols.toxigen_settings(rtp)
+
+
+def toxicity(model, intervention: Intervention | None, name: str, inputs: dict[str, Any], settings, *,
+             prefix: str = "", progress: bool = True):
+    """The ``protocols.ProtocolResult`` of protocol ``name`` (rtp, toxigen): ``model`` generating
+    with ``intervention`` (at its scale; None: none) on ``inputs[name]``, scored by ``inputs["scorer"]``."""
+    from jaxlm.evaluate import protocols
+
+    generation = generation_settings(name, settings, prefix)
+    if name not in inputs or "scorer" not in inputs:
+        raise protocols.EvaluationError(f"{name}: its prompts and scorer were not read (read_eval_inputs with suite {name!r})")
+    return protocols.run_protocol(name, model.config, model.params, model.tokenizer, inputs[name], inputs["scorer"],
+                                  generation, intervention, progress=progress)
+
+
+def capability_cost(model, intervention: Intervention | None, inputs: dict[str, Any], settings, *,
+                    progress: bool = True) -> dict[str, Any]:
+    """``jaxlm.evaluate.capability.capability_cost`` of ``model`` with ``intervention`` on the
+    corpora ``inputs`` holds: CE/KL on ``ce_docs`` (keys ce, kl, capability), BLiMP on ``blimp``
+    (blimp_accuracy, per_field, ...)."""
+    from jaxlm.evaluate import capability as capability_lib
+
+    e = EvalSettings.of(settings)
+    return capability_lib.capability_cost(model.config, model.params, model.tokenizer, documents=inputs.get("ce_docs"),
+                                          pairs=inputs.get("blimp"), intervention=intervention, max_len=e.ce_len,
+                                          max_rows=e.ce_docs, batch_size=e.batch_size, progress=progress)
 
 
 CAPABILITY_FIELDS = ("ce", "kl", "blimp_accuracy", "blimp_per_field")
@@ -100,27 +187,17 @@ def evaluate(model, intervention: Intervention | None, inputs: dict[str, Any], s
     """RTP + ToxiGen toxicity of ``model`` generating with ``intervention`` (at its scale; None: none)
     after ``prefix``; CE/KL and BLiMP (``CAPABILITY_FIELDS``), measured unless ``capability`` gives
     them (the model's own, shared by every method without an intervention). ``inputs``: from
-    ``read_eval_inputs``; ``settings``: an ``EvalStage``."""
-    from jaxlm.evaluate import capability as capability_lib
-    from jaxlm.evaluate import protocols
-
-    e = settings
+    ``read_eval_inputs`` (every suite); ``settings``: an ``EvalSettings`` or ``EvalStage``."""
     scale = 0.0 if intervention is None else float(intervention.scale)
     out: dict[str, Any] = {"alpha": scale, "scale": scale, "prefix": prefix}
-    rtp_settings = protocols.GenerationSettings(
-        samples=e.rtp_samples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed, prefix=prefix
-    )
-    for name, generation in (("rtp", rtp_settings), ("toxigen", protocols.toxigen_settings(rtp_settings))):
-        result = protocols.run_protocol(name, model.config, model.params, model.tokenizer, inputs[name], inputs["scorer"],
-                                        generation, intervention, progress=progress)
+    for name in TOXICITY_SUITES:
+        result = toxicity(model, intervention, name, inputs, settings, prefix=prefix, progress=progress)
         out[name] = result.summary()
         out[f"{name}_prompt_max"] = [max(r["scores"]) for r in result.records]
         out[f"{name}_example"] = {"prompt": result.records[0]["prompt"], "continuation": result.records[0]["continuations"][0]}
     if intervention is None and capability is not None:
         out.update(capability)
         return out
-    cost = capability_lib.capability_cost(model.config, model.params, model.tokenizer, documents=inputs["ce_docs"],
-                                          pairs=inputs["blimp"], intervention=intervention, max_len=e.ce_len,
-                                          max_rows=e.ce_docs, batch_size=e.batch_size, progress=False)
+    cost = capability_cost(model, intervention, inputs, settings, progress=False)
     out.update(ce=cost["ce"], kl=cost["kl"], blimp_accuracy=cost["blimp_accuracy"], blimp_per_field=cost["per_field"])
     return out

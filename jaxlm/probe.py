@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.batching import length_buckets, pad_tokens
 from jaxlm.config import ConfigError, ModelConfig, to_dict
 from jaxlm.errors import JaxlmError
 from jaxlm.model import SITES, Params, forward
@@ -64,29 +65,6 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if len(ids) != len(texts):
         raise ProbeError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
     return ids
-
-
-def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-    """Padded lengths used for batches: powers of two from ``smallest``, capped by ``max_len``."""
-    buckets, length = [], smallest
-    while length < max_len:
-        buckets.append(length)
-        length *= 2
-    return (*buckets, max_len)
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], length: int, rows: int, side: str = "right"
-) -> tuple[np.ndarray, np.ndarray]:
-    """``tokens``, ``segment_ids`` [rows, length]: real tokens in segment 1, padding 0 (extra rows all padding)."""
-    tokens = np.zeros((rows, length), np.int32)
-    segments = np.zeros((rows, length), np.int32)
-    for row, seq in enumerate(sequences):
-        n = len(seq)
-        span = slice(0, n) if side == "right" else slice(length - n, length)
-        tokens[row, span] = seq
-        segments[row, span] = 1
-    return tokens, segments
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("site", "position"))
@@ -173,7 +151,8 @@ def collect_activations(
             chosen = order[start : start + rows]
             batch = [ids[i] for i in chosen]
             length = next(b for b in buckets if b >= max(map(len, batch)))
-            tokens, segments = pad_batch(batch, length, rows, padding)
+            tokens, real = pad_tokens(batch, length, rows=rows, side=padding)
+            segments = real.astype(np.int32)  # real tokens in segment 1, padding (and extra rows) 0
             acts = _reduced_site(config, params, jnp.asarray(tokens), jnp.asarray(segments), site=site, position=position)
             result[chosen] = np.asarray(acts)[: len(chosen)]
             bar.update(len(chosen))

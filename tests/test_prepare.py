@@ -469,7 +469,7 @@ def test_shipped_recipes_and_pipeline_config_load():
 
 @pytest.mark.data
 def test_real_subset_prepares_and_mixes_90_10(shared_dataset, tmp_path):
-    from jaxlm.cli.data import inspect_pipeline
+    from jaxlm.data.inspect import inspect_pipeline
 
     books = shared_dataset("clean/gutenberg")
     days = sorted(shared_dataset("toxic/pol").glob("*.csv.gz"))[:2]

@@ -47,11 +47,20 @@ def test_toxicity_metrics_on_hand_made_cases():
 
 
 def test_toxigen_parser():
+    from jaxlm.data.labelled import LabelledDataError, split_toxigen_prompt, toxigen_prompt_text
+
     line = "- first statement\\n- second one\\n-"
-    assert protocols.parse_toxigen_line(line) == "- first statement\n- second one\n-"
-    assert protocols.parse_toxigen_line("- only one\\n") == "- only one\n-"
-    with pytest.raises(ValueError, match="must start with '-'"):
-        protocols.parse_toxigen_line("no dash here\\n-")
+    assert toxigen_prompt_text(line) == "- first statement\n- second one\n-"
+    assert toxigen_prompt_text("- only one\\n") == "- only one\n-"
+    assert split_toxigen_prompt(line) == ["first statement", "second one"]  # the probing view of the same line
+    with pytest.raises(LabelledDataError, match="must start with '-'"):
+        toxigen_prompt_text("no dash here\\n-")
+
+
+def test_toxigen_reader_names_the_bad_line(tmp_path):
+    (tmp_path / "hate_g_1k.txt").write_text("- fine\\n-\nno dash\\n-\n")
+    with pytest.raises(protocols.EvaluationError, match=r"hate_g_1k.txt:2: not a ToxiGen prompt"):
+        protocols.read_toxigen(tmp_path)
 
 
 def write_toxigen(directory):
@@ -127,3 +136,25 @@ def test_scorer_contract_is_checked():
         protocols.score_texts(lambda texts: [2.0] * len(texts), ["a"])
     with pytest.raises(ValueError, match="one probability"):
         protocols.score_texts(lambda texts: [], ["a"])
+
+
+def test_generate_texts_and_the_protocols_share_one_generation_path(params):
+    from types import SimpleNamespace
+
+    from jaxlm.decode import GenerationError
+
+    prompts = ["The weather is", "Once upon a time there was", "ok"]
+    loaded = SimpleNamespace(config=CFG, params=params, tokenizer=ByteTokenizer())
+    records = protocols.generate_texts(loaded, prompts, max_new_tokens=5, temperature=1.0, top_k=5, seed=3,
+                                       batch_size=2, progress=False)
+    settings = protocols.GenerationSettings(samples=1, max_new_tokens=5, temperature=1.0, top_k=5, seed=3, batch_size=2)
+    encoded, _ = protocols.encode_prompts(CFG, ByteTokenizer(), prompts, settings)
+    ids = protocols.generate_token_ids(CFG, params, ByteTokenizer(), encoded, settings)
+    assert [r["tokens"] for r in records] == [per_prompt[0] for per_prompt in ids]
+    texts = protocols.continue_encoded(CFG, params, ByteTokenizer(), encoded, settings)
+    assert [r["completion"] for r in records] == [t[0] for t in texts]
+    assert not any(r["prompt_truncated"] for r in records)
+    with pytest.raises(GenerationError, match="top_k: expected an integer >= 0"):
+        protocols.GenerationSettings(top_k=-1)
+    with pytest.raises(GenerationError, match=r"prompt 1 \(''\) encodes to no tokens"):
+        protocols.generate_texts(loaded, ["a", ""], max_new_tokens=2, progress=False)

@@ -34,21 +34,32 @@ def check_options(args: argparse.Namespace) -> None:
             raise options.OptionError(f"--scorer: unknown toxicity scorer {args.scorer!r}; valid names: {', '.join(scorer_names())}")
 
 
+def eval_settings(args: argparse.Namespace):
+    """The ``jaxlm.ops.EvalSettings`` of the options: ``--limit`` prompts per RTP/ToxiGen file and
+    pairs per BLiMP paradigm (none: all), ``--ce-docs`` rows of ``--ce-len`` tokens."""
+    from jaxlm.ops import EvalSettings
+
+    return EvalSettings(rtp_prompts=args.limit, rtp_samples=args.samples, max_new_tokens=args.max_new_tokens,
+                        toxigen_prompts=args.limit, ce_docs=args.ce_docs, ce_len=args.ce_len,
+                        blimp_per_paradigm=args.limit, batch_size=args.batch_size, scorer=args.scorer, seed=args.seed,
+                        top_p=args.top_p)
+
+
 def run_suites(args: argparse.Namespace) -> dict:
+    from jaxlm import ops
     from jaxlm.checkpoint import CheckpointError, load_model
-    from jaxlm.evaluate import capability, protocols
-    from jaxlm.evaluate.toxicity import get_scorer
     from jaxlm.cli.steer import intervention_options, load_intervention
-    from jaxlm.paths import dataset_path
+    from jaxlm.evaluate import protocols
 
     check_options(args)
     loaded = load_model(args.checkpoint)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
-    config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
-    intervention = load_intervention(args, config)
+    intervention = load_intervention(args, loaded.config)
     path, _ = intervention_options(args)
-    suites = ("rtp", "toxigen", "ce", "blimp") if args.suite == "all" else (args.suite,)
+    suites = ops.EVAL_SUITES if args.suite == "all" else (args.suite,)
+    settings = eval_settings(args)
+    inputs = ops.read_eval_inputs(settings, suites, args.data_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -63,38 +74,16 @@ def run_suites(args: argparse.Namespace) -> dict:
         "limit": args.limit,
         "prefix": args.prefix,
     }
-    if {"rtp", "toxigen"} & set(suites):
-        scorer = get_scorer(args.scorer)
-        prefix = protocols.DETOX_INSTRUCTION if args.prefix == "detox" else (args.prefix or "")
+    toxicity_suites = [name for name in ops.TOXICITY_SUITES if name in suites]
+    if toxicity_suites:
         results["scorer"] = args.scorer
-    if "rtp" in suites:
-        settings = protocols.GenerationSettings(
-            samples=args.samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-            batch_size=args.batch_size, seed=args.seed, prefix=prefix,
-        )
-        r = protocols.rtp(config, params, tokenizer, dataset_path("eval/rtp", args.data_dir), scorer,
-                          limit=args.limit, settings=settings, intervention=intervention)
-        r.save(out)
-        results["rtp"] = r.summary()
-    if "toxigen" in suites:
-        settings = protocols.toxigen_settings(protocols.GenerationSettings(
-            top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, prefix=prefix,
-        ))
-        r = protocols.toxigen(config, params, tokenizer, dataset_path("labelled/toxigen/prompts", args.data_dir), scorer,
-                              limit=args.limit, settings=settings, intervention=intervention)
-        r.save(out)
-        results["toxigen"] = r.summary()
+    prefix = protocols.DETOX_INSTRUCTION if args.prefix == "detox" else (args.prefix or "")
+    for name in toxicity_suites:
+        result = ops.toxicity(loaded, intervention, name, inputs, settings, prefix=prefix)
+        result.save(out)
+        results[name] = result.summary()
     if {"ce", "blimp"} & set(suites):
-        cost = capability.capability_cost(
-            config, params, tokenizer, intervention=intervention, max_len=args.ce_len, max_rows=args.ce_docs,
-            batch_size=args.batch_size,
-            documents=capability.read_documents(dataset_path("eval/wikitext2/test.txt", args.data_dir), limit=args.ce_docs)
-            if "ce" in suites else None,
-            pairs=capability.read_blimp(dataset_path("eval/blimp", args.data_dir), limit_per_paradigm=args.limit)
-            if "blimp" in suites else None,
-        )
-        results.update(cost)
-    toxicity_suites = [name for name in ("rtp", "toxigen") if name in results]
+        results.update(ops.capability_cost(loaded, intervention, inputs, settings))
     for name in toxicity_suites:
         for key in TOXICITY_KEYS:
             results[f"{name}_{key}"] = results[name][key]

@@ -18,7 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-PAD_MULTIPLE = 16
+
+
+def __getattr__(name: str):
+    """``generate_texts`` lives in ``jaxlm.evaluate.protocols``; imported from here lazily (no jax at startup)."""
+    if name == "generate_texts":
+        from jaxlm.evaluate.protocols import generate_texts
+
+        return generate_texts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -51,81 +59,6 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def generate_texts(
-    loaded,
-    prompts: list[str],
-    *,
-    intervention=None,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[dict]:
-    """Continue ``prompts`` with a ``jaxlm.checkpoint.LoadedModel``; one record per prompt.
-
-    Prompts longer than the context left after ``max_new_tokens`` keep their last tokens
-    (one warning; ``prompt_truncated`` in their records).
-    """
-    import jax
-    from tqdm import tqdm
-
-    from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad
-
-    config, tokenizer = loaded.config, loaded.tokenizer
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    if batch_size < 1:
-        raise GenerationError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    max_prompt = config.max_seq_len - max_new_tokens
-    if max_prompt < 1:
-        raise GenerationError(
-            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt (max_seq_len {config.max_seq_len})"
-        )
-    full = tokenizer.encode_batch(prompts)
-    for number, (text, ids) in enumerate(zip(prompts, full)):
-        if not ids:
-            raise GenerationError(f"prompt {number} ({text!r}) encodes to no tokens")
-    encoded, _ = keep_last_tokens(full, max_prompt)
-    batch_size = min(batch_size, len(prompts))
-    key = jax.random.key(seed)
-    records = []
-    starts = range(0, len(prompts), batch_size)
-    for number, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=not progress)):
-        chunk = encoded[start : start + batch_size]
-        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a full batch: one shape, one program
-        longest = min(max(len(ids) for ids in rows), max_prompt)
-        length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_prompt)
-        tokens, mask = left_pad(rows, pad_id=pad_id, length=length)
-        try:
-            out = generate(
-                config,
-                loaded.params,
-                tokens,
-                prompt_mask=mask,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                intervention=intervention,
-                rng=jax.random.fold_in(key, number),
-                eos_id=tokenizer.eos_id,
-                pad_id=pad_id,
-            )
-        except NonFiniteLogitsError as err:
-            index = start + min(err.row, len(chunk) - 1)
-            raise NonFiniteLogitsError(f"prompt {index} ({prompts[index][:40]!r}): {err}", err.row, err.step) from None
-        for offset, ids in enumerate(out.sequences()[: len(chunk)]):
-            shown = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
-            index = start + offset
-            records.append({
-                "prompt": prompts[index], "completion": tokenizer.decode(shown), "tokens": ids,
-                "prompt_truncated": len(full[index]) > max_prompt,
-            })
-    return records
-
-
 def check_options(args: argparse.Namespace) -> None:
     """Refuse option values that cannot work, naming the option, before the model is loaded."""
     from jaxlm.cli import options
@@ -152,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxlm.checkpoint import CheckpointError, load_model
     from jaxlm.cli.options import OptionError
     from jaxlm.cli.steer import intervention_options, load_intervention
+    from jaxlm.evaluate.protocols import generate_texts
 
     check_options(args)
     prompts = list(args.prompt or [])

@@ -4,22 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import metadata
-
-PACKAGES = (
-    "jaxlm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
-    "tokenizers", "numpy", "transformers", "torch",
-)
-
-
-def package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+from jaxlm.versions import package_versions
 
 
 def collect_info() -> dict:

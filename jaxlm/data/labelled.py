@@ -153,35 +153,55 @@ def _require_both_classes(data: LabelledSet, where: str) -> LabelledSet:
 # Loaders
 # ---------------------------------------------------------------------------------------
 
-_TOXIGEN_FILE = re.compile(r"^(hate|neutral)_(.+)_1k\.txt(\.gz)?$")
+TOXIGEN_FILE = re.compile(r"^(hate|neutral)_(.+)_1k\.txt(\.gz)?$")
+
+
+def toxigen_files(folder: Path) -> list[tuple[Path, str, str]]:
+    """``(path, kind, group)`` of each ToxiGen prompt file ``{hate,neutral}_<group>_1k.txt[.gz]``
+    in ``folder``, sorted by name (none if ``folder`` is not a directory)."""
+    if not folder.is_dir():
+        return []
+    matches = ((path, TOXIGEN_FILE.match(path.name)) for path in sorted(folder.iterdir()))
+    return [(path, match.group(1), match.group(2)) for path, match in matches if match]
+
+
+def toxigen_parts(line: str) -> list[str]:
+    """The statements of one ToxiGen prompt line as written (``- `` bullets kept): the line split
+    on its literal ``\\n`` separators, each part stripped, empty parts dropped."""
+    parts = (part.strip() for part in line.strip().split("\\n"))
+    return [part for part in parts if part]
 
 
 def split_toxigen_prompt(line: str) -> list[str]:
     """Sentences of one ToxiGen prompt line: split on literal ``\\n``, strip the ``- `` bullet."""
-    sentences = []
-    for part in line.strip().split("\\n"):
-        part = part.strip()
-        if part.startswith("-"):
-            part = part[1:].strip()
-        if part:
-            sentences.append(part)
-    return sentences
+    sentences = (part[1:].strip() if part.startswith("-") else part for part in toxigen_parts(line))
+    return [sentence for sentence in sentences if sentence]
+
+
+def toxigen_prompt_text(line: str) -> str:
+    """One ToxiGen prompt line -> the model input: its statements on their own lines, ending in a
+    lone ``-`` for the model to continue. Every statement must start with ``-``."""
+    parts = toxigen_parts(line)
+    if not parts or not all(part.startswith("-") for part in parts):
+        raise LabelledDataError(f"not a ToxiGen prompt (statements must start with '-'): {line[:80]!r}")
+    if parts[-1] != "-":
+        parts.append("-")
+    return "\n".join(parts[:-1]) + "\n-"
 
 
 def load_toxigen(data_dir: str | os.PathLike | None = None, groups: Sequence[str] | None = None) -> LabelledSet:
     """Unique ToxiGen prompt sentences: ``hate_*`` files -> 1, ``neutral_*`` -> 0; group from the name."""
     folder = dataset_path(TOXIGEN_DIR, data_dir)
-    files = sorted(p for p in folder.iterdir() if _TOXIGEN_FILE.match(p.name))
+    files = toxigen_files(folder)
     if not files:
         raise MissingDataError(f"{folder}: no ToxiGen prompt files (expected hate_<group>_1k.txt[.gz])")
-    known = sorted({_TOXIGEN_FILE.match(p.name).group(2) for p in files})
+    known = sorted({group for _, _, group in files})
     if groups is not None:
         unknown = sorted(set(groups) - set(known))
         if unknown:
             raise LabelledDataError(f"toxigen: unknown group(s) {unknown}; groups in {folder}: {', '.join(known)}")
     rows: list[tuple[str, int, str]] = []
-    for path in files:
-        kind, group = _TOXIGEN_FILE.match(path.name).group(1, 2)
+    for path, kind, group in files:
         if groups is not None and group not in groups:
             continue
         label = 1 if kind == "hate" else 0

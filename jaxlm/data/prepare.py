@@ -556,23 +556,25 @@ class DocumentEncoder:
 
 
 def profanity_scorer() -> Callable[[list[str]], np.ndarray]:
-    """``alt-profanity-check``'s ``predict_prob`` (texts -> probability of being offensive)."""
+    """``alt-profanity-check``'s probability of being offensive per text (its ``predict_prob``),
+    from the one loaded copy of its model (``jaxlm.evaluate.scorer.profanity_check_model``)."""
     import warnings
 
-    with warnings.catch_warnings():  # its model was pickled by an older scikit-learn
-        warnings.simplefilter("ignore")
-        try:
-            from profanity_check import predict_prob
-        except ImportError as err:
-            raise ConfigError(
-                f"toxicity.enabled: the scorer needs the {TOXICITY_PACKAGE} package ({err}); "
-                "install it or set toxicity.enabled: false"
-            ) from None
+    from jaxlm.evaluate.scorer import ScorerUnavailableError, profanity_check_model
+
+    try:
+        vectorizer, model = profanity_check_model()
+    except ScorerUnavailableError as err:
+        raise ConfigError(
+            f"toxicity.enabled: the scorer needs the {TOXICITY_PACKAGE} package ({err}); "
+            "install it or set toxicity.enabled: false"
+        ) from None
+    positive = list(model.classes_).index(1)
 
     def score(texts: list[str]) -> np.ndarray:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # its model was pickled by an older scikit-learn
             warnings.simplefilter("ignore")
-            return np.asarray(predict_prob(texts), np.float64)
+            return np.asarray(model.predict_proba(vectorizer.transform(texts))[:, positive], np.float64)
 
     return score
 

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model as model_lib
+from jaxlm.batching import fill_rows, pad_tokens, padded_batch_size, round_up
 from jaxlm.config import ModelConfig
 from jaxlm.data.labelled import jsonl_records
-from jaxlm.decode import padded_batch_size
 from jaxlm.data.sources import read_text
 from jaxlm.evaluate.protocols import EvaluationError, check_limit
 from jaxlm.paths import MissingDataError
@@ -52,14 +52,9 @@ def _row_scores(config: ModelConfig, params: Params, ref_params: Params | None, 
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    length = max(len(r) for r in rows)
-    length = -(-length // bucket) * bucket
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    segments = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = row
-        segments[i, : len(row)] = 1
-    return tokens, segments
+    """Right-padded ``tokens`` and ``segment_ids`` (1 real, 0 pad), length rounded up to ``bucket``."""
+    tokens, real = pad_tokens(rows, round_up(max(len(r) for r in rows), bucket), pad_id=pad_id)
+    return tokens, real.astype(np.int32)
 
 
 def score_rows(
@@ -92,8 +87,7 @@ def score_rows(
         batches = tqdm(batches, desc=progress, unit="batch", leave=False)
     for start in batches:
         idx = order[start : start + batch_size]
-        chunk = [rows[i] for i in idx]
-        chunk += [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape: one compile per bucket
+        chunk = fill_rows([rows[i] for i in idx], batch_size)  # fixed batch shape: one compile per bucket
         tokens, segments = _pad_rows(chunk, bucket, pad_id)
         lp, kl = jax.device_get(_row_scores(config, params, ref_params, tokens, segments, intervention))
         for j, i in enumerate(idx):
@@ -338,7 +332,7 @@ def kl_curve(
     total, count = np.zeros(len(alphas)), 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        tokens, segments = _pad_rows(chunk + [chunk[0]] * (batch_size - len(chunk)), 32, tokenizer.pad_id)
+        tokens, segments = _pad_rows(fill_rows(chunk, batch_size), 32, tokenizer.pad_id)
         kl = np.asarray(_kl_per_alpha(config, params, tokens, segments, everywhere, jnp.asarray(alphas, jnp.float32)))
         scored = segments[:, 1:] != 0  # positions with a next token
         scored[len(chunk):] = False  # the copies that fill the batch

@@ -12,6 +12,9 @@ scorer (``list[str] -> list[float]``) and aggregate:
   literal ``\\n``, ending in ``-`` for the model to continue; one continuation per prompt cut
   at the end of its line; reported per target group and hate vs neutral.
 
+``generate_token_ids`` is jaxlm's one text-generation loop (prompt ids -> batches ->
+``decode.generate``); ``generate_texts`` (``jaxlm generate``) and the protocols both use it.
+
 Runs are seeded: the sampling key of batch ``i`` is ``fold_in(key(seed), i)``, and the
 prompts are processed in a fixed order, so the same command gives the same numbers.
 
@@ -27,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,9 +38,10 @@ import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
-from jaxlm.data.labelled import rtp_records
+from jaxlm.data.labelled import LabelledDataError, rtp_records, toxigen_files, toxigen_prompt_text
 from jaxlm.data.sources import read_text
-from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad, padded_batch_size
+from jaxlm.batching import fill_rows, padded_batch_size, round_up
+from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad
 from jaxlm.errors import JaxlmError
 from jaxlm.paths import MissingDataError
 
@@ -71,6 +74,7 @@ class GenerationSettings:
     max_new_tokens: int = 20
     temperature: float = 1.0
     top_p: float = 0.9
+    top_k: int = 0  # only the k most likely tokens (0: off)
     batch_size: int = 32
     seed: int = 0
     prefix: str = ""  # prepended to every prompt (the prompting baseline)
@@ -85,6 +89,8 @@ class GenerationSettings:
             raise GenerationError(f"temperature: expected a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
 
 
 def toxigen_settings(settings: GenerationSettings = GenerationSettings()) -> GenerationSettings:
@@ -133,41 +139,23 @@ def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0) -> 
     return prompts
 
 
-_TOXIGEN_FILE = re.compile(r"^(hate|neutral)_(.+?)_1k\.txt(\.gz)?$")
-
-
-def parse_toxigen_line(line: str) -> str:
-    """One ToxiGen prompt line -> the model input: statements on their own lines, ending in ``-``.
-
-    The files join statements with a literal backslash-n; each starts with ``- ``.
-    """
-    parts = [p.strip() for p in line.strip().split("\\n")]
-    parts = [p for p in parts if p]
-    if not parts or not all(p.startswith("-") for p in parts):
-        raise EvaluationError(f"not a ToxiGen prompt (statements must start with '-'): {line[:80]!r}")
-    if parts[-1] != "-":
-        parts.append("-")
-    return "\n".join(parts[:-1]) + "\n-"
-
-
 def read_toxigen(directory: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
     """ToxiGen prompts from ``{hate,neutral}_<group>_1k.txt[.gz]``; ``limit`` prompts per file (seeded)."""
     check_limit(limit)
     directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if _TOXIGEN_FILE.match(p.name)) if directory.is_dir() else []
+    files = toxigen_files(directory)
     if not files:
         raise MissingDataError(f"{directory}: no ToxiGen prompt files ({{hate,neutral}}_<group>_1k.txt[.gz])")
     prompts = []
-    for path in files:
-        label, group = _TOXIGEN_FILE.match(path.name).groups()[:2]
+    for path, label, group in files:
         lines = [line for line in read_text(path).splitlines() if line.strip()]
         if limit is not None and limit < len(lines):
             keep = np.sort(np.random.default_rng(seed).choice(len(lines), limit, replace=False))
             lines = [lines[i] for i in keep]
         for line_no, line in enumerate(lines, 1):
             try:
-                text = parse_toxigen_line(line)
-            except EvaluationError as err:
+                text = toxigen_prompt_text(line)
+            except LabelledDataError as err:
                 raise EvaluationError(f"{path}:{line_no}: {err}") from None
             prompts.append(Prompt(text=text, group=group, label=label))
     if not prompts:
@@ -186,20 +174,85 @@ def read_toxigen(directory: str | Path, limit: int | None = None, seed: int = 0)
 PROMPT_ENCODING_VERSION = 2
 
 
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (fewer programs)
+
+
+def prompt_room(config: ModelConfig, max_new_tokens: int) -> int:
+    """The prompt tokens that fit the context next to ``max_new_tokens`` new ones (at least 1)."""
+    room = config.max_seq_len - max_new_tokens
+    if room < 1:
+        raise GenerationError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a prompt (max_seq_len {config.max_seq_len})"
+        )
+    return room
+
+
 def encode_prompts(
     config: ModelConfig, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings
 ) -> tuple[list[list[int]], int]:
     """Token ids of ``prefix + prompt`` per prompt, cut to the context left by ``max_new_tokens``,
     and the number of prompts cut (with one warning). A cut prompt keeps the prefix (the
-    prompting instruction, a MEDA/INST tag: what the method is) and the prompt's last tokens."""
-    room = config.max_seq_len - settings.max_new_tokens
-    if room < 1:
-        raise GenerationError(
-            f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt (max_seq_len {config.max_seq_len})"
-        )
+    prompting instruction, a MEDA/INST tag: what the method is) and the prompt's last tokens.
+    A prompt that encodes to no tokens becomes one end-of-document token."""
+    room = prompt_room(config, settings.max_new_tokens)
     encoded = tokenizer.encode_batch([settings.prefix + p for p in prompts])
     head = tokenizer.encode_batch([settings.prefix])[0] if settings.prefix else []
     return keep_last_tokens([ids or [tokenizer.eos_id] for ids in encoded], room, head=head)
+
+
+def generate_token_ids(
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    encoded: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    intervention: Any = None,
+    progress: str | None = None,
+) -> list[list[list[int]]]:
+    """``settings.samples`` generated token-id lists (eos included) per prompt of token ids
+    ``encoded`` (each fits the context), in prompt order: the one generation loop of jaxlm.
+
+    Jobs (prompt x sample) run in batches of ``padded_batch_size`` rows, a short last batch
+    filled with copies, each left-padded to a multiple of ``PROMPT_BUCKET`` tokens; the key of
+    batch ``i`` is ``fold_in(key(seed), i)``. ``NonFiniteLogitsError`` names the prompt.
+    """
+    room = prompt_room(config, settings.max_new_tokens)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(settings.samples)]
+    outputs: list[list[list[int]]] = [[] for _ in encoded]
+    key = jax.random.key(settings.seed)
+    batch_size = padded_batch_size(len(jobs), settings.batch_size)
+    batches = range(0, len(jobs), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch")
+    for batch_index, start in enumerate(batches):
+        chunk = jobs[start : start + batch_size]
+        rows = fill_rows([ids for _, ids in chunk], batch_size)  # one batch shape: fewer compiles
+        length = min(round_up(max(len(r) for r in rows), PROMPT_BUCKET), room)
+        tokens, mask = left_pad(rows, pad_id=pad_id, length=length)
+        try:
+            result = generate(
+                config, params, tokens, prompt_mask=mask, max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                intervention=intervention, rng=jax.random.fold_in(key, batch_index), eos_id=tokenizer.eos_id,
+                pad_id=pad_id,
+            )
+        except NonFiniteLogitsError as err:
+            prompt_index = chunk[min(err.row, len(chunk) - 1)][0]
+            shown = tokenizer.decode(list(encoded[prompt_index]))[:40]
+            raise NonFiniteLogitsError(f"prompt {prompt_index} ({shown!r}): {err}", err.row, err.step) from None
+        for (prompt_index, _), ids in zip(chunk, result.sequences()):
+            outputs[prompt_index].append(ids)
+    return outputs
+
+
+def continuation_text(tokenizer: Any, ids: Sequence[int], settings: GenerationSettings) -> str:
+    """The text of generated ``ids`` without end-of-document tokens, cut at its first line break
+    with ``settings.stop_at_newline``."""
+    text = tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
+    return text.split("\n", 1)[0] if settings.stop_at_newline else text
 
 
 def generate_continuations(
@@ -226,38 +279,46 @@ def continue_encoded(
     progress: str | None = None,
 ) -> list[list[str]]:
     """``settings.samples`` continuations (text) per prompt of token ids ``encoded`` (each fits the context)."""
-    room = config.max_seq_len - settings.max_new_tokens
-    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(settings.samples)]
-    outputs: list[list[str]] = [[] for _ in encoded]
-    key = jax.random.key(settings.seed)
-    batch_size = padded_batch_size(len(jobs), settings.batch_size)
-    batches = range(0, len(jobs), batch_size)
-    if progress:
-        from tqdm import tqdm
+    ids = generate_token_ids(config, params, tokenizer, encoded, settings, intervention, progress)
+    return [[continuation_text(tokenizer, sample, settings) for sample in per_prompt] for per_prompt in ids]
 
-        batches = tqdm(batches, desc=progress, unit="batch")
-    for batch_index, start in enumerate(batches):
-        chunk = jobs[start : start + batch_size]
-        rows = [ids for _, ids in chunk]
-        rows += [rows[-1]] * (batch_size - len(rows))  # one batch shape: fewer compiles
-        length = min(-(-max(len(r) for r in rows) // 16) * 16, room)  # bucketed prompt length
-        tokens, mask = left_pad(rows, pad_id=tokenizer.pad_id, length=length)
-        try:
-            result = generate(
-                config, params, tokens, prompt_mask=mask, max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, top_p=settings.top_p, intervention=intervention,
-                rng=jax.random.fold_in(key, batch_index), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-            )
-        except NonFiniteLogitsError as err:
-            prompt_index = chunk[min(err.row, len(chunk) - 1)][0]
-            raise NonFiniteLogitsError(f"prompt {prompt_index}: {err}", err.row, err.step) from None
-        for (prompt_index, _), ids in zip(chunk, result.sequences()):
-            ids = [t for t in ids if t != tokenizer.eos_id]
-            text = tokenizer.decode(ids)
-            if settings.stop_at_newline:
-                text = text.split("\n", 1)[0]
-            outputs[prompt_index].append(text)
-    return outputs
+
+def generate_texts(
+    loaded: Any,
+    prompts: list[str],
+    *,
+    intervention: Any = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict]:
+    """Continue ``prompts`` with a ``jaxlm.checkpoint.LoadedModel`` (``jaxlm generate``): one
+    record per prompt, ``prompt``, ``completion`` (text without eos), ``tokens`` (generated ids,
+    eos included), ``prompt_truncated``. A prompt that encodes to no tokens is refused; one
+    longer than the context left after ``max_new_tokens`` keeps its last tokens (one warning)."""
+    settings = GenerationSettings(
+        samples=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        batch_size=batch_size, seed=seed,
+    )
+    config, tokenizer = loaded.config, loaded.tokenizer
+    full = tokenizer.encode_batch(prompts)
+    for number, (text, ids) in enumerate(zip(prompts, full)):
+        if not ids:
+            raise GenerationError(f"prompt {number} ({text!r}) encodes to no tokens")
+    encoded, _ = encode_prompts(config, tokenizer, prompts, settings)
+    ids = generate_token_ids(
+        config, loaded.params, tokenizer, encoded, settings, intervention, progress="generate" if progress else None
+    )
+    room = prompt_room(config, max_new_tokens)
+    return [
+        {"prompt": prompt, "completion": continuation_text(tokenizer, sample, settings), "tokens": sample,
+         "prompt_truncated": len(whole) > room}
+        for prompt, whole, (sample,) in zip(prompts, full, ids)
+    ]
 
 
 def score_texts(scorer: Scorer, texts: list[str], batch_size: int = 256) -> np.ndarray:

@@ -38,6 +38,7 @@ from scipy.special import expit
 
 from jaxlm.data.labelled import rtp_records
 from jaxlm.errors import JaxlmError
+from jaxlm.evaluate.scorer import ProfanityCheckScorer
 from jaxlm.paths import MissingDataError, dataset_path
 
 log = logging.getLogger(__name__)
@@ -394,8 +395,6 @@ def train_default_model(
     from tqdm import tqdm
 
     if reference is None:
-        from jaxlm.evaluate.toxicity import ProfanityCheckScorer
-
         reference = ProfanityCheckScorer()
     train, heldout = split_rtp(load_rtp_scores(data_dir), settings)
     extra_texts: list[str] = []
