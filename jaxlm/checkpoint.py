@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxlm.config import ConfigError, ModelConfig, from_dict, read_yaml
+from jaxlm.data.records import file_sha256
 from jaxlm.errors import JaxlmError, describe_os_error
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 # ---------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_checksums(step_dir: Path) -> dict[str, str]:
     """sha256 of every file below ``step_dir`` (but the checksum file), by relative path."""
     files = sorted(p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith(CHECKSUM_FILE))
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
-        digests = list(pool.map(_sha256, files))
+        digests = list(pool.map(file_sha256, files))
     return {p.relative_to(step_dir).as_posix(): d for p, d in zip(files, digests)}
 
 

@@ -321,14 +321,6 @@ def _tfds_files(name: str, data_dir: str | None) -> tuple[Path, ...]:
     return tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_fingerprints(inputs: SourceInputs, how: str) -> list[dict[str, Any]]:
     """Per input file: path (relative to the data directory when below it), size, and mtime or sha256."""
     entries = []
@@ -340,7 +332,7 @@ def input_fingerprints(inputs: SourceInputs, how: str) -> list[dict[str, Any]]:
         stat = path.stat()
         entry: dict[str, Any] = {"path": shown.as_posix(), "size": stat.st_size}
         if how == "sha256":
-            entry["sha256"] = _file_sha256(path)
+            entry["sha256"] = records.file_sha256(path)
         else:
             entry["mtime_ns"] = stat.st_mtime_ns
         entries.append(entry)

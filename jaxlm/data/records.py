@@ -201,12 +201,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """sha256 (hex) of a file's bytes (the one file hash of jaxlm: inputs, shards, checkpoints)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -309,11 +309,11 @@ def generate_texts(
     for number, (text, ids) in enumerate(zip(prompts, full)):
         if not ids:
             raise GenerationError(f"prompt {number} ({text!r}) encodes to no tokens")
-    encoded, _ = encode_prompts(config, tokenizer, prompts, settings)
+    room = prompt_room(config, max_new_tokens)
+    encoded, _ = keep_last_tokens(full, room)  # what encode_prompts gives without a prefix, encoded once
     ids = generate_token_ids(
         config, loaded.params, tokenizer, encoded, settings, intervention, progress="generate" if progress else None
     )
-    room = prompt_room(config, max_new_tokens)
     return [
         {"prompt": prompt, "completion": continuation_text(tokenizer, sample, settings), "tokens": sample,
          "prompt_truncated": len(whole) > room}

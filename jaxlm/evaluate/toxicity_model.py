@@ -37,6 +37,7 @@ import scipy.sparse as sp
 from scipy.special import expit
 
 from jaxlm.data.labelled import rtp_records
+from jaxlm.data.records import file_sha256
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluate.scorer import ProfanityCheckScorer
 from jaxlm.paths import MissingDataError, dataset_path
@@ -368,14 +369,6 @@ def split_rtp(rows: Sequence[ScoredText], settings: TrainSettings) -> tuple[list
     """(train, held-out) by source document."""
     held = [is_heldout(r.document, settings.rtp_heldout_fraction, settings.split_salt) for r in rows]
     return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def training_data_fingerprint(settings: TrainSettings, data_dir: str | os.PathLike | None = None) -> dict:
