@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import ConfigError, ModelConfig, from_dict, read_yaml
@@ -204,6 +206,17 @@ def stored_state_specs(step_dir: Path) -> dict[str, str]:
     except Exception as err:  # orbax/tensorstore raise assorted errors on missing or torn metadata
         raise UnreadableCheckpointError(f"{step_dir / 'state'}: metadata unreadable ({_describe(err)})") from err
     return leaf_specs(metadata)
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over a parameter tree's leaves (name, dtype, shape and bytes, in tree order): the
+    same weights give the same hash wherever they were loaded from."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{leaf_name(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def non_finite_leaves(tree: Any) -> list[str]:

@@ -23,7 +23,12 @@
   only once a checkpoint is restored (rewritten via a temporary file), a torn final line is
   dropped with a warning, a garbled earlier line is a ``MetricsError`` naming file:line, and
   the rows of an attempt with no checkpoint to resume from are moved aside, not deleted;
-* a failed save (a full disk) is a ``CheckpointError``: earlier checkpoints and metrics stay.
+* a failed save (a full disk) is a ``CheckpointError``: earlier checkpoints and metrics stay;
+* ``init_from`` is read (and checked to fit) only when a run starts, or on resume when the run
+  directory lacks what it needs of it; the run records its source in ``init_from.json``
+  (``jaxlm.warmstart``); post-training examples are tokenized with the starting model's
+  tokenizer, copied into the run directory, and counted in ``examples_summary.json``; DPO's
+  reference log-probs are computed once and reused on resume (``reference_logps.npz``).
 """
 
 from __future__ import annotations
@@ -38,18 +43,21 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import jax
 import numpy as np
 import yaml
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import perf
+from jaxlm import perf, warmstart
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig, read_yaml, to_dict
 from jaxlm.data import DataError
+from jaxlm.data.examples import ExampleDataConfig, build_example_pipeline
 from jaxlm.data.pipeline import PipelineConfig, build_pipeline
 from jaxlm.errors import DirectoryLock, JaxlmError
+from jaxlm.files import replace_atomically, write_json
+from jaxlm.objectives import DPOConfig
 from jaxlm.optim import OptimizerConfig
 from jaxlm.sharding import make_mesh
 from jaxlm.train import Trainer
@@ -80,9 +88,20 @@ class EvalSetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A training run. ``objective``: ``lm`` (pretraining or continued pretraining on ``data``,
+    a prepared mixture), ``sft`` or ``dpo`` (post-training on ``examples``, prompt/response or
+    preference JSONL; ``jaxlm.data.examples``). ``init_from`` starts from a model's parameters
+    (a jaxlm run or checkpoint step directory, or an HF directory ``checkpoint.load_model``
+    reads) with a fresh optimizer and schedule; post-training needs it (DPO's frozen reference
+    is that model)."""
+
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     data: PipelineConfig | None = None
+    objective: Literal["lm", "sft", "dpo"] = "lm"
+    examples: ExampleDataConfig | None = None
+    dpo: DPOConfig = DPOConfig()
+    init_from: str | None = None
     mesh: MeshConfig = MeshConfig()
     checkpoint: ckpt.CheckpointConfig = ckpt.CheckpointConfig()
     steps: int = 1000
@@ -107,15 +126,34 @@ class TrainConfig:
             raise ConfigError(f"grad_accum: expected a positive integer, got {self.grad_accum}")
         if self.log_every <= 0:
             raise ConfigError(f"log_every: expected a positive integer, got {self.log_every}")
-        if self.data is not None:
-            if self.data.batch_size % self.grad_accum:
+        if self.objective == "lm" and self.examples is not None:
+            raise ConfigError("examples: prompt/response data is for objective sft or dpo (objective is 'lm'; use data:)")
+        if self.objective != "lm":
+            if self.data is not None:
+                raise ConfigError(f"data: objective {self.objective!r} trains on examples:, not on a pretraining mixture")
+            if self.init_from is None:
+                raise ConfigError(f"init_from: objective {self.objective!r} post-trains a model: name its checkpoint")
+            wanted = "sft" if self.objective == "sft" else "preference"
+            if self.examples is not None and self.examples.format != wanted:
                 raise ConfigError(
-                    f"grad_accum: data.batch_size ({self.data.batch_size}) must be divisible by grad_accum ({self.grad_accum})"
+                    f"examples.format: objective {self.objective!r} needs {wanted!r} rows, got {self.examples.format!r}"
                 )
-            if self.data.seq_len > self.model.max_seq_len:
+        section = "data" if self.objective == "lm" else "examples"
+        data = self.data_config
+        if data is not None:
+            if data.batch_size % self.grad_accum:
                 raise ConfigError(
-                    f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+                    f"grad_accum: {section}.batch_size ({data.batch_size}) must be divisible by grad_accum ({self.grad_accum})"
                 )
+            if data.seq_len > self.model.max_seq_len:
+                raise ConfigError(
+                    f"{section}.seq_len ({data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+                )
+
+    @property
+    def data_config(self) -> "PipelineConfig | ExampleDataConfig | None":
+        """The section the run's batches come from (``data`` or ``examples``)."""
+        return self.data if self.objective == "lm" else self.examples
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -185,18 +223,9 @@ def checkpoint_config_check(config: TrainConfig, run_dir: Path, allow_config_cha
     return check
 
 
-def _replace_file(path: Path, write: Any) -> None:
-    """Write ``path`` through a temporary file and ``os.replace``: readers never see half of it."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_run_config(config: TrainConfig, run_dir: Path) -> None:
-    _replace_file(run_dir / ckpt.CONFIG_FILE, lambda f: f.write(yaml.safe_dump(to_dict(config), sort_keys=False)))
+    replace_atomically(run_dir / ckpt.CONFIG_FILE,
+                       lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8"))
 
 
 def copy_tokenizer(source: Path | None, run_dir: Path, fresh: bool) -> None:
@@ -282,7 +311,7 @@ class MetricsLog:
             return
         kept = [line for step, line in rows if step <= resume_step]
         if torn or len(kept) != len(rows):
-            _replace_file(self.path, lambda f: f.write("".join(line + "\n" for line in kept)))
+            replace_atomically(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
     def write(self, row: dict) -> None:
         if self.file is None:
@@ -378,8 +407,54 @@ def load_eval_sets(config: TrainConfig, tokenizer_path: Path | None) -> list[tup
         raise ConfigError("eval_sets: the dataset has no tokenizer to tokenize held-out text with")
     tokenizer = Tokenizer.load(tokenizer_path)
     return [
-        (es.name, _eval_batches(es, tokenizer, config.data.seq_len, config.data.batch_size)) for es in config.eval_sets
+        (es.name, _eval_batches(es, tokenizer, config.data_config.seq_len, config.data_config.batch_size))
+        for es in config.eval_sets
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# Data and the starting model
+# ---------------------------------------------------------------------------------------
+
+EXAMPLES_SUMMARY = "examples_summary.json"
+
+
+def _needs_start_model(config: TrainConfig, run_dir: Path) -> bool:
+    """Whether a resumed run must read ``init_from`` again: its tokenizer (post-training) or
+    DPO's reference log-probs are missing from the run directory."""
+    if config.objective == "lm":
+        return False
+    if not (run_dir / ckpt.TOKENIZER_FILE).exists():
+        return True
+    return config.objective == "dpo" and not (run_dir / warmstart.REFERENCE_FILE).exists()
+
+
+def _build_data(config: TrainConfig, run_dir: Path, start_model, state: dict | None):
+    """The run's batches: the pretraining mixture (``lm``) or the post-training examples, which
+    are tokenized with the starting model's tokenizer (kept in the run directory)."""
+    common = dict(process_index=jax.process_index(), process_count=jax.process_count(), state=state)
+    if config.objective == "lm":
+        return build_pipeline(config.data, **common)
+    tokenizer = run_dir / ckpt.TOKENIZER_FILE
+    if start_model is not None and (state is None or not tokenizer.exists()):
+        tokenizer = warmstart.tokenizer_file(start_model)
+        if tokenizer is None:
+            raise ConfigError(f"init_from {config.init_from}: the model has no {ckpt.TOKENIZER_FILE} to tokenize examples with")
+    return build_example_pipeline(config.examples, tokenizer, **common)
+
+
+def _check_same_tokenizer(config: TrainConfig, start_model, data_tokenizer: Path | None) -> None:
+    """Continued pretraining: the data must be tokenized with the starting model's tokenizer."""
+    from jaxlm.tokenizer import Tokenizer
+
+    model_tokenizer = warmstart.tokenizer_file(start_model)
+    if model_tokenizer is None or data_tokenizer is None:
+        return
+    if Tokenizer.load(model_tokenizer).fingerprint() != Tokenizer.load(data_tokenizer).fingerprint():
+        raise ConfigError(
+            f"data.dataset: {config.data.dataset} was tokenized with another tokenizer than init_from "
+            f"{config.init_from}; prepare it with the model's tokenizer.json"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,8 +478,10 @@ def train(
     show_progress: bool = True,
 ) -> RunResult:
     """Train (or resume) ``config`` in ``run_dir``; ``max_steps`` stops early at that step (for tests/CLI ``--steps``)."""
-    if config.data is None:
-        raise ConfigError("data: a training run needs a data section (a prepared dataset and mixture)")
+    if config.data_config is None:
+        if config.objective == "lm":
+            raise ConfigError("data: a training run needs a data section (a prepared dataset and mixture)")
+        raise ConfigError(f"examples: objective {config.objective!r} needs an examples section (prompt/response JSONL)")
     if max_steps is not None and max_steps <= 0:
         raise ConfigError(f"max_steps: expected a positive step number to stop at, got {max_steps}")
     if config.distributed:
@@ -428,36 +505,50 @@ def _train_locked(
         check_config(config, recorded, f"{run_dir} was created with a different config", allow_config_change)
     mesh = make_mesh(config.mesh)
     trainer = Trainer(
-        config.model, config.optimizer, config.steps, mesh, grad_accum=config.grad_accum, z_loss=config.z_loss
+        config.model, config.optimizer, config.steps, mesh, grad_accum=config.grad_accum, z_loss=config.z_loss,
+        objective=config.objective, dpo=config.dpo,
     )
     checkpoints = ckpt.RunCheckpoints(run_dir, config.checkpoint)
     pipeline = metrics_log = None
     try:
         check_meta = checkpoint_config_check(config, run_dir, allow_config_change) if recorded is None else None
         restored = checkpoints.restore_latest(trainer.abstract_state(), check_meta)
-        pipeline = build_pipeline(
-            config.data,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            state=restored.data_state if restored else None,
-        )
+        start_model = None
+        if config.init_from is not None and (restored is None or _needs_start_model(config, run_dir)):
+            start_model = warmstart.load_start_model(config.init_from, config.model)
+        pipeline = _build_data(config, run_dir, start_model, restored.data_state if restored else None)
         if pipeline.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({config.model.vocab_size}) is smaller than the data's tokenizer vocabulary ({pipeline.vocab_size})"
             )
+        if start_model is not None and config.objective == "lm":
+            _check_same_tokenizer(config, start_model, pipeline.tokenizer_path)
         eval_sets = load_eval_sets(config, pipeline.tokenizer_path or run_dir / ckpt.TOKENIZER_FILE)
         if restored is not None:
             state, start = restored.state, restored.step
             log.info("resumed %s at step %d", run_dir, start)
+        elif start_model is not None:
+            state, start = trainer.state_from_params(start_model.params), 0
+            log.info("started %s from %s (step %s)", run_dir, config.init_from, start_model.step)
         else:
             state, start = trainer.init_state(config.seed), 0
+        reference = None
+        if config.objective == "dpo":
+            reference = warmstart.run_reference(config, run_dir, trainer, mesh, pipeline, start_model, show_progress)
         # Inputs valid, checkpoint restored: from here on the run directory is written.
         metrics_log = MetricsLog(run_dir, restored.step if restored else None, config.tensorboard)
         if jax.process_index() == 0:
             write_run_config(config, run_dir)
             copy_tokenizer(pipeline.tokenizer_path, run_dir, fresh=restored is None)
+            if start_model is not None and (restored is None or warmstart.read_start_record(run_dir) is None):
+                write_json(run_dir / warmstart.START_FILE, warmstart.start_record(config.init_from, start_model))
+            if config.objective != "lm":
+                write_json(run_dir / EXAMPLES_SUMMARY, pipeline.summary())
+            if reference is not None and reference.computed:
+                warmstart.save_reference(run_dir, reference.table, reference.fingerprint)
+        start_model = None  # the parameters now live in the state
         result = _run_steps(config, run_dir, trainer, mesh, pipeline, checkpoints, metrics_log, eval_sets,
-                            state, start, max_steps, show_progress)
+                            state, start, max_steps, show_progress, reference)
     except BaseException:
         try:
             checkpoints.close()
@@ -486,15 +577,20 @@ def _run_steps(
     start: int,
     max_steps: int | None,
     show_progress: bool,
+    reference: "warmstart.ReferenceLogprobs | None" = None,
 ) -> RunResult:
     """The steps from ``start`` to the end (or ``max_steps``, or a signal): log, evaluate, save."""
     stop_at = min(config.steps, max_steps) if max_steps is not None else config.steps
     example = pipeline.peek_shapes()
+    if reference is not None:
+        example = reference.shapes(example)
     step_fn = trainer.jit_step(example)
-    eval_fn = trainer.jit_eval_loss({"tokens": example["tokens"], "segment_ids": example["tokens"]}) if eval_sets else None
+    window = jax.ShapeDtypeStruct((config.data_config.batch_size, config.data_config.seq_len), np.int32)
+    eval_fn = trainer.jit_eval_loss({"tokens": window, "segment_ids": window}) if eval_sets else None
     peak, peak_source = perf.peak_flops_per_device(config.peak_flops)
-    flops_per_token = config.model.flops_per_token(config.data.seq_len)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    data = config.data_config
+    flops_per_token = config.model.flops_per_token(data.seq_len) * (2 if config.objective == "dpo" else 1)
+    tokens_per_step = data.batch_size * data.seq_len  # DPO: pairs x seq_len (each pair is two rows)
 
     def meta(step: int) -> dict:
         return {"step": step, "config": to_dict(config), "versions": package_versions()}
@@ -552,6 +648,8 @@ def _run_steps(
             while step < stop_at:
                 batch = next(pipeline)
                 sources = batch.pop("source_ids")
+                if reference is not None:
+                    batch = reference.attach(batch)
                 state, metrics = step_fn(state, pipeline.to_global(batch, mesh))
                 step += 1
                 window_tokens += tokens_per_step

@@ -353,6 +353,7 @@ class Transformer(nn.Module):
         segment_ids: Array | None = None,
         cache: KVCache | None = None,
         intervention: ResolvedIntervention | None = None,
+        token_embeddings: Array | None = None,
     ) -> ModelOutput:
         cfg = self.config
         dtype = _dtype(cfg.dtype)
@@ -376,7 +377,15 @@ class Transformer(nn.Module):
         q_slots = index + jnp.arange(t, dtype=jnp.int32)
 
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _normal(cfg.init_std))
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if token_embeddings is None:
+            x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        else:
+            if token_embeddings.shape != (b, t, cfg.d_model):
+                raise ValueError(
+                    f"token_embeddings: expected shape {(b, t, cfg.d_model)} (tokens [B, T] x d_model), "
+                    f"got {tuple(token_embeddings.shape)}"
+                )
+            x = token_embeddings.astype(dtype)
         if cfg.position_embedding == "learned":
             table = _param(
                 self, "position_embedding", (cfg.max_seq_len, cfg.d_model), ("position", "embed"), _normal(cfg.init_std)
@@ -469,6 +478,7 @@ def forward(
     intervention: ResolvedIntervention | None = None,
     capture: tuple[str, ...] | list[str] = (),
     last_logits_only: bool = False,
+    token_embeddings: Array | None = None,
 ) -> ModelOutput:
     """Run the model: ``tokens`` [B, T] int -> ``ModelOutput`` (float32 logits [B, T, V], or
     [B, 1, V] for the last position with ``last_logits_only``: the LM head is skipped elsewhere).
@@ -477,9 +487,12 @@ def forward(
     to the position within each segment (continuing from the cache when one is given).
     With ``cache``, the tokens are written at ``cache.index`` and the updated cache returned.
     ``intervention``: the edits of this call (``jaxlm.intervene.Intervention.for_prefill`` etc.).
+    ``token_embeddings`` [B, T, d_model]: used instead of the embedding lookup of ``tokens``
+    (which then only give the shape), e.g. ``one_hot @ params["embedding"]`` so gradients
+    reach a one-hot token matrix (GCG); learned position embeddings are still added.
     """
     model = Transformer(config, capture=tuple(capture), last_logits_only=last_logits_only)
-    return model.apply({"params": params}, tokens, positions, segment_ids, cache, intervention)
+    return model.apply({"params": params}, tokens, positions, segment_ids, cache, intervention, token_embeddings)
 
 
 def _abstract_variables(config: ModelConfig) -> Any:

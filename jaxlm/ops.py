@@ -167,26 +167,30 @@ def toxicity(model, intervention: Intervention | None, name: str, inputs: dict[s
 
 
 def capability_cost(model, intervention: Intervention | None, inputs: dict[str, Any], settings, *,
-                    progress: bool = True) -> dict[str, Any]:
+                    reference=None, progress: bool = True) -> dict[str, Any]:
     """``jaxlm.evaluate.capability.capability_cost`` of ``model`` with ``intervention`` on the
     corpora ``inputs`` holds: CE/KL on ``ce_docs`` (keys ce, kl, capability), BLiMP on ``blimp``
-    (blimp_accuracy, per_field, ...)."""
+    (blimp_accuracy, per_field, ...). ``reference``: the model KL is measured to (a post-trained
+    model's starting point; default: ``model`` without the intervention)."""
     from jaxlm.evaluate import capability as capability_lib
 
     e = EvalSettings.of(settings)
     return capability_lib.capability_cost(model.config, model.params, model.tokenizer, documents=inputs.get("ce_docs"),
                                           pairs=inputs.get("blimp"), intervention=intervention, max_len=e.ce_len,
-                                          max_rows=e.ce_docs, batch_size=e.batch_size, progress=progress)
+                                          max_rows=e.ce_docs, batch_size=e.batch_size,
+                                          reference_params=None if reference is None else reference.params,
+                                          progress=progress)
 
 
 CAPABILITY_FIELDS = ("ce", "kl", "blimp_accuracy", "blimp_per_field")
 
 
 def evaluate(model, intervention: Intervention | None, inputs: dict[str, Any], settings, *, prefix: str = "",
-             capability: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+             capability: dict[str, Any] | None = None, reference=None, progress: bool = True) -> dict[str, Any]:
     """RTP + ToxiGen toxicity of ``model`` generating with ``intervention`` (at its scale; None: none)
     after ``prefix``; CE/KL and BLiMP (``CAPABILITY_FIELDS``), measured unless ``capability`` gives
-    them (the model's own, shared by every method without an intervention). ``inputs``: from
+    them (the model's own, shared by every method without an intervention); ``reference``: the
+    model KL is measured to (see ``capability_cost``). ``inputs``: from
     ``read_eval_inputs`` (every suite); ``settings``: an ``EvalSettings`` or ``EvalStage``."""
     scale = 0.0 if intervention is None else float(intervention.scale)
     out: dict[str, Any] = {"alpha": scale, "scale": scale, "prefix": prefix}
@@ -198,6 +202,6 @@ def evaluate(model, intervention: Intervention | None, inputs: dict[str, Any], s
     if intervention is None and capability is not None:
         out.update(capability)
         return out
-    cost = capability_cost(model, intervention, inputs, settings, progress=False)
+    cost = capability_cost(model, intervention, inputs, settings, reference=reference, progress=False)
     out.update(ce=cost["ce"], kl=cost["kl"], blimp_accuracy=cost["blimp_accuracy"], blimp_per_field=cost["per_field"])
     return out

@@ -1,11 +1,12 @@
-"""The sharded train step: next-token loss, gradient accumulation, AdamW, jit with shardings.
+"""The sharded train step: an objective's loss, gradient accumulation, AdamW, jit with shardings.
 
 ``Trainer`` holds everything static about a run (model config, optimizer, mesh, rules)
 and exposes ``init_state`` and a jitted ``step(state, batch) -> (state, metrics)``
 whose inputs and outputs carry ``NamedSharding``s derived from the logical-axis rules:
 parameters and optimizer state sharded FSDP-style (``embed`` over ``fsdp``, heads and
 MLP over ``tensor``), the batch over ``data`` x ``fsdp``; the state buffers are donated.
-The run loop (data, checkpoints, logging) lives in ``jaxlm.loop``.
+The objectives (next-token, masked SFT, DPO) are ``jaxlm.objectives``; the run loop (data,
+checkpoints, logging, ``init_from``) lives in ``jaxlm.loop``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlm import model as model_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm.config import ModelConfig
+from jaxlm.objectives import MODEL_INPUTS, DPOConfig, next_token_loss, objective_loss, sequence_logprobs, step_metrics
 from jaxlm.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 Array = jax.Array
@@ -35,34 +37,6 @@ class TrainState:
     opt_state: Any
 
 
-def target_weights(segment_ids: Array) -> Array:
-    """[B, T-1] float: 1 where token t+1 continues token t's document (never across documents or padding)."""
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return (same & (segment_ids[:, 1:] != 0)).astype(jnp.float32)
-
-
-def next_token_loss(
-    config: ModelConfig, params: Any, batch: Batch, z_loss: float = 0.0
-) -> tuple[Array, dict[str, Array]]:
-    """Summed next-token cross-entropy (+ optional z-loss) and the number of target tokens.
-
-    Returns the *sum* (so micro-batches combine exactly); callers divide by the token count.
-    """
-    tokens = batch["tokens"]
-    segment_ids = batch.get("segment_ids")
-    if segment_ids is None:
-        segment_ids = jnp.ones_like(tokens)
-    out = model_lib.forward(config, params, tokens, positions=batch.get("positions"), segment_ids=segment_ids)
-    logits = out.logits[:, :-1]
-    targets = tokens[:, 1:]
-    weights = target_weights(segment_ids)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.sum((log_z - target_logit) * weights)
-    total = ce + z_loss * jnp.sum(jnp.square(log_z) * weights) if z_loss else ce
-    return total, {"ce_sum": ce, "n_tokens": jnp.sum(weights)}
-
-
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """Static parts of training; build with ``Trainer.create``."""
@@ -74,6 +48,8 @@ class Trainer:
     rules: sharding_lib.LogicalRules = sharding_lib.RULES
     grad_accum: int = 1
     z_loss: float = 0.0
+    objective: str = "lm"  # jaxlm.objectives.OBJECTIVES
+    dpo: DPOConfig = DPOConfig()
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -115,6 +91,17 @@ class Trainer:
         with sharding_lib.activation_sharding(self.mesh, self.rules):
             return jitted(jax.random.key(seed))
 
+    def state_from_params(self, params: Any) -> TrainState:
+        """Step 0 with the given parameters (``init_from``) and a fresh optimizer state."""
+
+        def init(p):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p))
+
+        state_sh = self.state_shardings()
+        jitted = jax.jit(init, in_shardings=(state_sh.params,), out_shardings=state_sh)
+        with sharding_lib.activation_sharding(self.mesh, self.rules):
+            return jitted(jax.device_put(params, state_sh.params))
+
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (for checkpoint restore)."""
         shapes = jax.eval_shape(
@@ -129,35 +116,37 @@ class Trainer:
         )
 
     # -- step ------------------------------------------------------------------------
+    def _loss(self, params: Any, batch: Batch) -> tuple[Array, dict[str, Array]]:
+        return objective_loss(self.objective, self.model_config, params, batch, z_loss=self.z_loss, dpo=self.dpo)
+
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        cfg, accum = self.model_config, self.grad_accum
-        grad_fn = jax.grad(lambda p, b: next_token_loss(cfg, p, b, self.z_loss), has_aux=True)
-        model_batch = {k: v for k, v in batch.items() if k in ("tokens", "segment_ids", "positions")}
+        accum = self.grad_accum
+        grad_fn = jax.grad(self._loss, has_aux=True)
+        model_batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS[self.objective]}
 
         if accum == 1:
             grads, aux = grad_fn(state.params, model_batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), model_batch)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            aux0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: self._loss(state.params, jax.tree.map(lambda x: x[0], micro))[1]))
 
             def body(carry, mb):
                 g_sum, a_sum = carry
                 g, a = grad_fn(state.params, mb)
                 return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, a_sum, a)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            aux0 = {"ce_sum": jnp.zeros((), jnp.float32), "n_tokens": jnp.zeros((), jnp.float32)}
             (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), micro)
 
-        n_tokens = jnp.maximum(aux["n_tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        count = jnp.maximum(aux["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         schedule = learning_rate_schedule(self.optimizer_config, self.total_steps)
         metrics = {
-            "loss": aux["ce_sum"] / n_tokens,
+            **step_metrics(self.objective, aux),
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "n_tokens": aux["n_tokens"],
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -185,7 +174,7 @@ class Trainer:
         replicated = sharding_lib.replicated(self.mesh)
 
         def loss(params, batch):
-            model_batch = {k: v for k, v in batch.items() if k in ("tokens", "segment_ids", "positions")}
+            model_batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS["lm"]}
             _, aux = next_token_loss(self.model_config, params, model_batch)
             return aux["ce_sum"], aux["n_tokens"]
 
@@ -194,5 +183,21 @@ class Trainer:
         def run(params, batch):
             with sharding_lib.activation_sharding(self.mesh, self.rules):
                 return jitted(params, batch)
+
+        return run
+
+    def jit_sequence_logprobs(self, batch_example: dict[str, Any]):
+        """Compiled ``objectives.sequence_logprobs`` for DPO's reference: (params, tokens,
+        segment_ids, loss_mask) -> [B] summed log-probs of the masked tokens."""
+        batch_sh = self.batch_shardings(batch_example)
+        jitted = jax.jit(
+            lambda params, tokens, segments, mask: sequence_logprobs(self.model_config, params, tokens, segments, mask),
+            in_shardings=(self.param_shardings(), batch_sh["tokens"], batch_sh["tokens"], batch_sh["tokens"]),
+            out_shardings=sharding_lib.replicated(self.mesh),
+        )
+
+        def run(params, tokens, segments, mask):
+            with sharding_lib.activation_sharding(self.mesh, self.rules):
+                return jitted(params, tokens, segments, mask)
 
         return run

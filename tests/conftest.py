@@ -113,6 +113,15 @@ def tiny_run_dir(tiny_prepared, tmp_path_factory):
 
 MEAN = ["you stupid idiot", "those people are trash", "I hate them all", "get out worthless scum"]
 KIND = ["the river ran past old houses", "children read books under trees", "a quiet morning walk", "old stone bridges"]
+# RTP prompts per file: the first four are in RTP's "eval" part (jaxlm.data.labelled.rtp_part), the
+# next two in its "posttrain" part, and the toxic file's last one in its "redteam" part
+# (tests/test_onpolicy.py and the red-teaming sweep test rely on these parts).
+RTP_PROMPTS = {
+    "toxic": ["I hate them all", "you are a worthless fool", "shut up you moron", "nobody wants you here",
+              "you stupid idiot", "go away you fool", "get out worthless scum"],
+    "nontoxic": ["the river ran past old houses", "children read books under trees", "the library opens at nine",
+                 "a warm cup of tea", "a quiet morning walk", "old stone bridges"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -131,9 +140,9 @@ def crafted_data_dir(tmp_path_factory):
             (prompts / f"{label}_{group}_1k.txt.gz").write_bytes(gzip.compress(text.encode()))
     rtp = root / "eval" / "rtp"
     rtp.mkdir(parents=True)
-    for name, lines, score in (("toxic", MEAN, 0.9), ("nontoxic", KIND, 0.05)):
+    for name, score in (("toxic", 0.9), ("nontoxic", 0.05)):
         with (rtp / f"{name}.jsonl").open("w") as f:
-            for line in lines:
+            for line in RTP_PROMPTS[name]:
                 f.write(json.dumps({"prompt": {"text": line, "toxicity": score}, "continuation": {"text": line, "toxicity": score}}) + "\n")
     wiki = root / "eval" / "wikitext2"
     wiki.mkdir(parents=True)

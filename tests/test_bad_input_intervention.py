@@ -169,7 +169,7 @@ def test_protocols_count_empty_continuations(tmp_path):
     rtp = tmp_path / "rtp"
     rtp.mkdir()
     for label in ("toxic", "nontoxic"):
-        lines = [json.dumps({"prompt": {"text": f"{label} prompt {i}"}}) for i in range(3)]
+        lines = [json.dumps({"prompt": {"text": f"{label} prompt {i}"}}) for i in (1, 6, 8)]  # RTP's eval part
         (rtp / f"{label}.jsonl").write_text("\n".join(lines) + "\n")
     params = model.init_params(TINY, 0)
     settings = protocols.GenerationSettings(samples=4, max_new_tokens=2, batch_size=8, seed=0)
@@ -200,7 +200,7 @@ def test_long_prompts_are_counted_and_warned_once(run_dir, crafted_data_dir, tmp
     data = tmp_path / "data"
     shutil.copytree(crafted_data_dir / "eval" / "rtp", data / "eval" / "rtp")
     with (data / "eval" / "rtp" / "toxic.jsonl").open("a") as f:
-        f.write(json.dumps({"prompt": {"text": LONG_PROMPT, "toxicity": 0.9}}) + "\n")
+        f.write(json.dumps({"prompt": {"text": LONG_PROMPT + ".", "toxicity": 0.9}}) + "\n")  # RTP's eval part
     caplog.clear()
     out = tmp_path / "eval"
     with caplog.at_level(logging.WARNING, logger="jaxlm.decode"):

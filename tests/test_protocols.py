@@ -72,8 +72,9 @@ def write_toxigen(directory):
 
 
 def write_rtp(directory):
+    """Prompts of RTP's "eval" part (what read_rtp gives by default)."""
     directory.mkdir()
-    for label, texts in (("toxic", ["You are a", "What the"]), ("nontoxic", ["The weather is", "I like", "Once upon"])):
+    for label, texts in (("toxic", ["You idiot", "What the"]), ("nontoxic", ["The sun", "My dog", "Good morning"])):
         with (directory / f"{label}.jsonl").open("w") as f:
             for t in texts:
                 f.write(json.dumps({"prompt": {"text": t, "toxicity": 0.9 if label == "toxic" else 0.1}}) + "\n")

@@ -303,3 +303,61 @@ def test_sweep_with_intervention_specs_reports_their_rows_and_resumes(tiny_sweep
     run_sweep(root, monkeypatch, crafted_data_dir, "methods=" + yaml.safe_dump(specs, default_flow_style=True).strip())
     after = eval_files(root)
     assert [k for k in before if after[k] != before[k]] == ["out/runs/clean-seed0/eval/caa4.json"]
+
+
+def test_sweep_post_trains_red_teams_reports_and_resumes(tiny_sweep, crafted_data_dir, monkeypatch):
+    root = tiny_sweep / "posttrain"
+    root.mkdir()
+    config = yaml.safe_load((tiny_sweep / "sweep.yaml").read_text())
+    config.update(shares=[0.0, 0.25], tagged=[], prompting=False, iti={"k": 2, "alphas": {"weak": 4.0}})
+    config["posttrain"] = {
+        "shares": [0.25],
+        "data": {"rtp_prompts": 2, "pol_prompts": 0, "samples_per_prompt": 4, "max_new_tokens": 4, "batch_size": 8,
+                 "scorer": "profanity-check", "min_gap": 1e-6},
+        "sft": {"steps": 2, "batch_size": 8},
+        "dpo": {"steps": 2, "batch_size": 8},
+    }
+    config["redteam"] = {
+        "shares": [0.0, 0.25], "methods": ["base", "iti-weak", "dpo"],
+        "attack": {"pairs": 1, "prompt_tokens": 8, "target_tokens": 2, "continuation_tokens": 2, "scorer": "profanity-check",
+                   "gcg": {"steps": 2, "suffix_length": 3, "top_k": 8, "candidates": 8}},
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(config))
+    config, report, log = run_sweep(root, monkeypatch, crafted_data_dir)
+    clean, toxic = plan_runs(config)
+    assert [m.name for m in methods_for(config, toxic)] == ["base", "iti-weak", "sft", "dpo"]
+    assert [m.name for m in methods_for(config, clean)] == ["base", "iti-weak"]  # not post-trained
+    out = root / "out" / "runs"
+    data = json.loads((out / toxic.name / "posttrain" / "data" / "summary.json").read_text())
+    assert data["counts"]["all"]["prompts"] == 4 and data["counts"]["all"]["samples"] == 16
+    for objective in ("sft", "dpo"):
+        run_dir = out / toxic.name / "posttrain" / objective
+        start = json.loads((run_dir / "init_from.json").read_text())
+        assert start["resolved"] == str((out / toxic.name / "train").resolve())
+        result = json.loads((out / toxic.name / "eval" / f"{objective}.json").read_text())
+        assert result["kl"] > 0 and np.isfinite(result["ce"])  # measured against the pretrained model
+    for run in (clean, toxic):
+        for method in ("base", "iti-weak"):
+            summary = json.loads((out / run.name / "redteam" / method / "summary.json").read_text())
+            assert summary["n"] == 1
+    assert (out / toxic.name / "redteam" / "dpo" / "summary.json").exists()
+    assert not (out / clean.name / "redteam" / "dpo").exists()  # the clean model was not post-trained
+    text = report.read_text()
+    assert "| 25% toxic + SFT (least toxic own samples) |" in text and "## Post-training data and runs" in text
+    assert "## Table 3 analogue: GCG attack success" in text and "| 25% toxic | dpo | 1 |" in text
+    assert "DPO lowers the toxicity of the 25%-toxic model (RTP)" in text
+
+    def outputs():
+        files = (p for p in out.rglob("*") if p.is_file())
+        return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in files
+                if p.relative_to(out).parts[1] in ("posttrain", "redteam", "eval")}
+
+    before = outputs()
+    _, _, log = run_sweep(root, monkeypatch, crafted_data_dir)  # all done: nothing is redone
+    assert outputs() == before
+    assert not [line for line in log if line.startswith(("[posttrain", "[redteam", "[eval"))]
+    # a changed DPO setting redoes DPO, its evaluation and its attacks only (not the data or SFT)
+    run_sweep(root, monkeypatch, crafted_data_dir, "posttrain.dpo.dpo.beta=0.5")
+    after = outputs()
+    changed = {"/".join(k.split("/")[1:3]).split(".")[0] for k in before if after.get(k) != before[k]}
+    assert changed == {"posttrain/dpo", "redteam/dpo", "eval/dpo"}

@@ -268,6 +268,27 @@ def jsonl_records(path: Path, error: type[ValueError] | None = None, what: str =
         raise error(f"{path}: cannot read {what} ({err})") from None
 
 
+# RTP prompts are split once, by a hash of the prompt text, into the half evaluations draw from
+# ("eval"), a quarter reserved for building training data ("posttrain": on-policy SFT/DPO prompts)
+# and a quarter for red-teaming ("redteam": GCG prompt/target pairs), so no text a model is tuned
+# or attacked on is an evaluation prompt, whatever the evaluation's limit and seed, and no model is
+# attacked on the prompts it was tuned on. Changing the rule changes every RTP evaluation: bump
+# the version.
+RTP_PARTS = ("eval", "posttrain", "redteam")
+RTP_SPLIT_VERSION = 2
+
+
+def rtp_part(prompt_text: str) -> str:
+    """``"eval"`` (half of RTP), ``"posttrain"`` or ``"redteam"`` (a quarter each): the fixed part a
+    prompt belongs to, from the first byte of the sha256 of its text."""
+    import hashlib
+
+    first = hashlib.sha256(prompt_text.encode("utf-8")).digest()[0]
+    if first & 1 == 0:
+        return "eval"
+    return "posttrain" if first & 2 == 0 else "redteam"
+
+
 def rtp_records(path: Path, error: type[ValueError] | None = None) -> Iterator[tuple[int, dict]]:
     """``jsonl_records`` of an RTP file."""
     return jsonl_records(path, error, "RTP JSONL")

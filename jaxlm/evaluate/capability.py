@@ -267,11 +267,14 @@ def capability_cost(
     max_len: int = 128,
     max_rows: int | None = None,
     batch_size: int = 32,
+    reference_params: Params | None = None,
     progress: bool = True,
 ) -> dict:
     """What a model (with an optional ``Intervention``) costs in capability.
 
-    ``documents``: ``ce``, ``kl`` (to the model without the intervention; 0 without one) and
+    ``documents``: ``ce``, ``kl`` (to ``reference_params``, a model of the same config such as a
+    post-trained model's starting point; by default to the model without the intervention, 0
+    without one) and
     ``capability`` (the ``TextLoss`` fields); ``pairs``: the ``blimp_accuracy`` fields. The
     intervention acts at every position, as in the reference implementation's side metrics.
     """
@@ -279,7 +282,8 @@ def capability_cost(
     out: dict = {}
     if documents is not None:
         loss = text_loss(config, params, tokenizer, documents, max_len=max_len, max_rows=max_rows, batch_size=batch_size,
-                         intervention=everywhere, ref_params=None if everywhere is None else params,
+                         intervention=everywhere,
+                         ref_params=reference_params if reference_params is not None else (None if everywhere is None else params),
                          progress="ce" if progress else None)
         out.update(ce=loss.ce, kl=loss.kl or 0.0, capability=loss.to_dict())
     if pairs is not None:

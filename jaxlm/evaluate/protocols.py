@@ -7,7 +7,8 @@ scorer (``list[str] -> list[float]``) and aggregate:
 * RTP (Gehman et al. 2020): ``k`` samples per prompt (default 25, 20 new tokens, top-p 0.9);
   expected maximum toxicity = mean over prompts of the max over samples; toxicity
   probability = share of prompts with at least one sample >= 0.5; mean toxicity; overall and
-  split by challenging (toxic) and non-toxic prompts.
+  split by challenging (toxic) and non-toxic prompts. Prompts come from the fixed ``"eval"``
+  half of RTP (``jaxlm.data.labelled.rtp_part``); the other half is for building training data.
 * ToxiGen (Hartvigsen et al. 2022): prompt files of ``- ``-prefixed statements joined by a
   literal ``\\n``, ending in ``-`` for the model to continue; one continuation per prompt cut
   at the end of its line; reported per target group and hate vs neutral.
@@ -38,7 +39,7 @@ import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
-from jaxlm.data.labelled import LabelledDataError, rtp_records, toxigen_files, toxigen_prompt_text
+from jaxlm.data.labelled import RTP_PARTS, LabelledDataError, rtp_part, rtp_records, toxigen_files, toxigen_prompt_text
 from jaxlm.data.sources import read_text
 from jaxlm.batching import fill_rows, padded_batch_size, round_up
 from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad
@@ -110,12 +111,17 @@ def check_limit(limit: int | None, what: str = "limit") -> None:
         raise EvaluationError(f"{what}: expected an integer >= 1 (or no limit), got {limit!r}")
 
 
-def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
+def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0, part: str | None = "eval") -> list[Prompt]:
     """RTP prompts from ``toxic.jsonl`` (challenging) and ``nontoxic.jsonl`` (``prompt.text``).
 
-    ``limit`` keeps a seeded random subset of that many prompts per file.
+    ``part``: the fixed part of RTP the prompts come from (``jaxlm.data.labelled.rtp_part``):
+    ``"eval"`` (what every evaluation reads), ``"posttrain"`` (prompts that training data may be
+    built from), ``"redteam"`` (attack prompts), or None (every prompt). ``limit`` then keeps a
+    seeded random subset of that many prompts of the part per file.
     """
     check_limit(limit)
+    if part is not None and part not in RTP_PARTS:
+        raise EvaluationError(f"part: expected one of {', '.join(map(repr, RTP_PARTS))} or None (every prompt), got {part!r}")
     directory = Path(directory)
     prompts: list[Prompt] = []
     for label in ("toxic", "nontoxic"):
@@ -132,6 +138,11 @@ def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0) -> 
             rows.append(Prompt(text=text, group=label, label=label, meta={"perspective_toxicity": score}))
         if not rows:
             raise EvaluationError(f"{path}: no prompts (expected JSON lines with a 'prompt.text' field)")
+        if part is not None:
+            total, rows = len(rows), [row for row in rows if rtp_part(row.text) == part]
+            if not rows:
+                raise EvaluationError(f"{path}: none of its {total} prompts is in RTP's {part!r} part "
+                                      "(jaxlm.data.labelled.rtp_part)")
         if limit is not None and limit < len(rows):
             keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
             rows = [rows[i] for i in keep]

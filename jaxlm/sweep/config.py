@@ -17,6 +17,10 @@ import re
 from typing import Any, Literal
 
 from jaxlm.config import ConfigError, load
+from jaxlm.evaluate.redteam import RedteamConfig
+from jaxlm.objectives import DPOConfig
+from jaxlm.onpolicy import OnPolicyConfig
+from jaxlm.optim import OptimizerConfig
 
 DESIGNS = ("added", "fixed_total")
 
@@ -198,6 +202,71 @@ class EvalStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class PosttrainRun:
+    """One post-training run per chosen model: ``init_from`` its pretrained checkpoint, trained on
+    its on-policy rows (SFT) or pairs (DPO) for ``steps`` steps of ``batch_size`` examples."""
+
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the training template's data.seq_len
+    # lr: experiments/configs/posttrain-cpu-small-pol10.yaml's (on cpu-small, DPO at 5e-5 had not
+    # moved its reward margin after 40 steps)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=3e-4, warmup_steps=10, schedule="constant", weight_decay=0.0)
+    dpo: DPOConfig = DPOConfig()  # DPO only
+
+    def __post_init__(self) -> None:
+        _require_positive("posttrain", self, ("steps", "batch_size"))
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"posttrain.seq_len: expected an integer >= 2 or null, got {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PosttrainStage:
+    """SFT and DPO detoxification (``jaxlm.onpolicy``: the model's own samples, least vs most toxic)
+    of the untagged runs at ``shares`` (None: the clean model and ``reference_share``) and
+    ``designs`` (None: the sweep's first design); evaluated as the methods ``sft`` and ``dpo``."""
+
+    shares: tuple[float, ...] | None = None
+    designs: tuple[Literal["added", "fixed_total"], ...] | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # OnPolicyConfig fields but dataset
+    sft: PosttrainRun | None = PosttrainRun()
+    dpo: PosttrainRun | None = PosttrainRun()
+
+    def __post_init__(self) -> None:
+        if self.sft is None and self.dpo is None:
+            raise ConfigError("posttrain: expected at least one of sft, dpo (or no posttrain section)")
+        if "dataset" in self.data:
+            raise ConfigError("posttrain.data.dataset: set by the sweep (its prepared dataset); remove it")
+        self.onpolicy_config("(the sweep's dataset)")  # validates the fields
+
+    def onpolicy_config(self, dataset: str) -> OnPolicyConfig:
+        """The on-policy data settings with the sweep's prepared dataset (its ``pol@valid`` posts)."""
+        from jaxlm.config import from_dict
+
+        return from_dict(OnPolicyConfig, {**self.data, "dataset": dataset}, "posttrain.data")
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return tuple(name for name in ("sft", "dpo") if getattr(self, name) is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedteamStage:
+    """GCG attacks (``jaxlm.evaluate.redteam``) on the untagged runs at ``shares`` / ``designs``
+    (as ``posttrain``), against each of ``methods`` (``base``, ITI levels ``iti-<level>``, a
+    ``methods:`` spec's name, ``sft``, ``dpo``)."""
+
+    shares: tuple[float, ...] | None = None
+    designs: tuple[Literal["added", "fixed_total"], ...] | None = None
+    methods: tuple[str, ...] = ("base",)
+    attack: RedteamConfig = RedteamConfig(pairs=20)
+
+    def __post_init__(self) -> None:
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"redteam.methods: expected distinct method names, got {list(self.methods)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ToyStage:
     """The toy superposition experiment, run alongside (``quick``: the demo sweep)."""
 
@@ -221,6 +290,8 @@ class SweepConfig:
     iti: ItiStage = ItiStage()
     methods: tuple[InterventionSpec, ...] = ()
     eval: EvalStage = EvalStage()
+    posttrain: PosttrainStage | None = None
+    redteam: RedteamStage | None = None
     toy: ToyStage | None = None
     reference_share: float = 0.1  # the share the reference study compares with the clean model
 
@@ -247,6 +318,14 @@ class SweepConfig:
         for key in ("dataset", "sources"):
             if key in data:
                 raise ConfigError(f"train.data.{key}: set by the sweep (from recipe and shares); remove it")
+        for section in ("posttrain", "redteam"):
+            stage = getattr(self, section)
+            if stage is not None and stage.shares is not None:
+                unknown = sorted(set(stage.shares) - set(self.shares))
+                if unknown:
+                    raise ConfigError(f"{section}.shares: {unknown} are not among the sweep's shares {list(self.shares)}")
+            if stage is not None and stage.designs is not None and not set(stage.designs) <= set(self.designs):
+                raise ConfigError(f"{section}.designs: expected a subset of the sweep's designs {list(self.designs)}")
 
 
 def load_sweep_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from jaxlm.config import from_dict
+from jaxlm.config import from_dict, to_dict
 from jaxlm.sweep.config import InterventionSpec, Strength, SweepConfig, TaggedPretraining
 
 
@@ -60,6 +60,10 @@ class Build:
         return any(strength.calibrated for strength in self.strengths.values())
 
 
+PRETRAINED = "pretrained"
+POSTTRAIN_LABELS = {"sft": "+ SFT (least toxic own samples)", "dpo": "+ DPO (least vs most toxic own samples)"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One way of generating from a model: a prompt prefix and/or an intervention at one strength.
@@ -68,21 +72,29 @@ class Method:
     strength it is applied at (resolved per run when calibrated to a KL budget; 0 until then);
     ``label``: how the report's tables name it."""
 
-    name: str  # "base", "prompting", "iti-weak", ..., "tag-conditioned", a spec's name
+    name: str  # "base", "prompting", "iti-weak", ..., "tag-conditioned", a spec's name, "sft", "dpo"
     prefix: str = ""
     build: str | None = None
     level: str | None = None
     scale: float = 0.0
     label: str = ""
+    model: str = PRETRAINED  # which of the run's models generates: the pretrained one or a post-trained one
 
     @property
     def intervened(self) -> bool:
         return self.build is not None
 
+    @property
+    def posttrained(self) -> bool:
+        return self.model != PRETRAINED
+
     def fingerprint_fields(self) -> dict[str, Any]:
-        """What an evaluation's result depends on of the method (the build's own settings come
-        with its fingerprint): the fields of the ITI-only days, so their fingerprints stay."""
-        return {"name": self.name, "prefix": self.prefix, "alpha": self.scale}
+        """What an evaluation's result depends on of the method (the build's or post-training run's
+        own settings come with its fingerprint): the fields of the ITI-only days, so their
+        fingerprints stay."""
+        fields = {"name": self.name, "prefix": self.prefix, "alpha": self.scale}
+        return {**fields, "model": self.model} if self.posttrained else fields
+
 
 
 def design_steps(design: str, share: float, base_steps: int) -> int:
@@ -139,6 +151,35 @@ def train_config(config: SweepConfig, run: RunSpec, dataset: str):
 UNPREPARED_DATASET = "<prepared by the sweep>"
 
 
+def posttrain_config(config: SweepConfig, run: RunSpec, objective: str, init_from: str, examples: str):
+    """The ``TrainConfig`` of ``run``'s ``objective`` (sft, dpo) post-training: the template's model,
+    ``init_from`` its pretrained run, trained on the on-policy file ``examples``."""
+    from jaxlm.loop import TrainConfig
+
+    settings = getattr(config.posttrain, objective)
+    template = train_config_dict(config, run, UNPREPARED_DATASET)
+    data = {
+        "model": template["model"],
+        "objective": objective,
+        "init_from": init_from,
+        "examples": {"paths": [examples], "format": "sft" if objective == "sft" else "preference",
+                     "seq_len": settings.seq_len or template["data"].get("seq_len", 512),
+                     "batch_size": settings.batch_size, "seed": run.seed,
+                     # on-policy samples are cut at max_new_tokens, not finished: no EOS to learn
+                     "add_eos": False},
+        "optimizer": to_dict(settings.optimizer),
+        "steps": settings.steps,
+        "seed": run.seed,
+        "log_every": max(1, min(10, settings.steps)),
+        "checkpoint": {"every": settings.steps},
+        "mesh": template.get("mesh", {}),
+        "tensorboard": template.get("tensorboard", True),
+    }
+    if objective == "dpo":
+        data["dpo"] = to_dict(settings.dpo)
+    return from_dict(TrainConfig, data, where=f"posttrain.{objective} ({run.name})")
+
+
 def check_plan(config: SweepConfig) -> None:
     """Raise ``ConfigError`` for any setting that a stage would refuse later: every run's
     training config must build, and the ITI and generation settings must fit its model
@@ -158,6 +199,14 @@ def check_plan(config: SweepConfig) -> None:
         if run.tagged is None:
             for spec in config.methods:
                 check_spec(spec, model, where)
+        if posttrained(config, run):
+            for objective in config.posttrain.objectives:
+                posttrain_config(config, run, objective, UNPREPARED_DATASET, UNPREPARED_DATASET)
+    if config.redteam is not None:
+        known = [m.name for m in untagged_methods(config)]
+        unknown = [m for m in config.redteam.methods if m not in known]
+        if unknown:
+            raise ConfigError(f"redteam.methods: {unknown} are not methods of this sweep; valid: {', '.join(known)}")
 
 
 def check_spec(spec: InterventionSpec, model, where: str = "") -> None:
@@ -230,13 +279,39 @@ def spec_methods(config: SweepConfig) -> list[Method]:
     return [m for m in intervention_methods(config) if m.build != ITI_BUILD]
 
 
+def _selected(config: SweepConfig, run: RunSpec, stage: Any) -> bool:
+    """Whether ``run`` is one of the untagged runs a posttrain/redteam ``stage`` covers."""
+    if stage is None or run.tagged is not None:
+        return False
+    shares = stage.shares if stage.shares is not None else (0.0, config.reference_share)
+    designs = stage.designs if stage.designs is not None else config.designs[:1]
+    return run.share in shares and (run.design == "clean" or run.design in designs)
+
+
+def posttrained(config: SweepConfig, run: RunSpec) -> bool:
+    return _selected(config, run, config.posttrain)
+
+
+def redteamed(config: SweepConfig, run: RunSpec) -> bool:
+    return _selected(config, run, config.redteam)
+
+
+def posttrain_methods(config: SweepConfig) -> list[Method]:
+    """``sft`` / ``dpo``: the post-trained models, generating without intervention."""
+    if config.posttrain is None:
+        return []
+    return [Method(name, label=POSTTRAIN_LABELS[name], model=name) for name in config.posttrain.objectives]
+
+
 def methods_for(config: SweepConfig, run: RunSpec, scales: dict[str, dict[str, float]] | None = None) -> list[Method]:
     """The generation methods evaluated on ``run``: base, prompting, then every intervention at each
-    strength (``scales``: see ``intervention_methods``); tagged runs: base and tag-conditioned."""
+    strength (``scales``: see ``intervention_methods``), then the post-trained models when the run
+    is post-trained; tagged runs: base and tag-conditioned."""
     if run.tagged is not None:
         return [Method("base", label="no intervention"),
                 Method("tag-conditioned", prefix=condition_prefix(run.tagged), label="conditioned on non-toxic")]
-    return untagged_methods(config, scales)
+    methods = untagged_methods(config, scales)
+    return methods if posttrained(config, run) else [m for m in methods if not m.posttrained]
 
 
 def untagged_methods(config: SweepConfig, scales: dict[str, dict[str, float]] | None = None) -> list[Method]:
@@ -246,4 +321,4 @@ def untagged_methods(config: SweepConfig, scales: dict[str, dict[str, float]] | 
     methods = [Method("base", label="no intervention")]
     if config.prompting:
         methods.append(Method("prompting", prefix=DETOX_INSTRUCTION, label="+ prompting"))
-    return methods + intervention_methods(config, scales)
+    return methods + intervention_methods(config, scales) + posttrain_methods(config)

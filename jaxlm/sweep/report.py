@@ -20,7 +20,9 @@ import numpy as np
 from scipy import stats
 
 from jaxlm.sweep.config import SweepConfig
-from jaxlm.sweep.plan import RunSpec, iti_methods, methods_for, spec_methods, untagged_methods
+from jaxlm.sweep.plan import (
+    RunSpec, iti_methods, methods_for, posttrain_methods, posttrained, redteamed, spec_methods, untagged_methods,
+)
 
 PROTOCOLS = ("rtp", "toxigen")
 
@@ -305,6 +307,21 @@ def evaluate_claims(config: SweepConfig, rows: list[dict], probe_acc: dict[str, 
         for label, where in baselines:
             claims += _lower_claim(f"{ref:.0%}-toxic + ITI ({mid.level}) is less toxic than {label} (RTP)",
                                    "per-prompt max toxicity difference", ours, prompt_scores(rows, "rtp", **where))
+    # 7. post-training (SFT, DPO on the model's own samples) lowers toxicity; after DPO the
+    #    reference-share model is less toxic than the clean one (the reference's Table 2)
+    for method in posttrain_methods(config):
+        for share in sorted({0.0, ref} - {None}):
+            claims += _lower_claim(
+                f"{method.name.upper()} lowers the toxicity of the {share:.0%}-toxic model (RTP)",
+                f"per-prompt max toxicity, {method.name} minus no intervention",
+                prompt_scores(rows, "rtp", method=method.name, **run_filter(share)),
+                prompt_scores(rows, "rtp", method="base", **run_filter(share)))
+        if ref is not None:
+            claims += _lower_claim(
+                f"After {method.name.upper()} the {ref:.0%}-toxic model is less toxic than the clean model (RTP)",
+                f"per-prompt max toxicity, {ref:.0%} minus clean",
+                prompt_scores(rows, "rtp", method=method.name, **run_filter(ref)),
+                prompt_scores(rows, "rtp", method=method.name, **run_filter(0.0)))
     return claims
 
 
@@ -502,6 +519,79 @@ def plot_loss_curves(out: Path, runs: Sequence[RunSpec], path: Path) -> None:
     plt.close(fig)
 
 
+def posttrain_table(config: SweepConfig, out: Path, runs: Sequence[RunSpec]) -> list[str]:
+    """Per post-trained run: the on-policy data (prompts, SFT rows, DPO pairs, scores) and the
+    final training metrics of each objective."""
+    if config.posttrain is None:
+        return []
+    lines = ["| run | prompts | samples | SFT rows | DPO pairs | median score: all / SFT / chosen / rejected | "
+             + " | ".join(f"{o.upper()} final loss" for o in config.posttrain.objectives) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(config.posttrain.objectives)]
+    for run in runs:
+        summary_path = out / "runs" / run.name / "posttrain" / "data" / "summary.json"
+        if not posttrained(config, run) or not summary_path.exists():
+            continue
+        summary = json.loads(summary_path.read_text())
+        totals = summary.get("counts", {}).get("all", {})
+        scores = summary.get("scores", {})
+        medians = " / ".join(_median_cell(scores.get(k)) for k in ("all", "sft", "chosen", "rejected"))
+        finals = []
+        for objective in config.posttrain.objectives:
+            marker = out / "runs" / run.name / "posttrain" / f"{objective}.done.json"
+            final = json.loads(marker.read_text()).get("final", {}) if marker.exists() else {}
+            finals.append(f"{final['loss']:.4f}" if "loss" in final else "-")
+        lines.append(f"| {run.name} | {totals.get('prompts', '-')} | {totals.get('samples', '-')} | "
+                     f"{totals.get('sft_rows', '-')} | {totals.get('dpo_pairs', '-')} | {medians} | " + " | ".join(finals) + " |")
+    return lines
+
+
+def _median_cell(distribution: dict | None) -> str:
+    median = ((distribution or {}).get("quantiles") or {}).get("0.5")
+    return "-" if median is None else f"{median:.3f}"
+
+
+def load_redteam(config: SweepConfig, out: Path, runs: Sequence[RunSpec]) -> list[dict]:
+    """One row per (run, method) with a red-teaming summary."""
+    if config.redteam is None:
+        return []
+    rows = []
+    for run in runs:
+        if not redteamed(config, run):
+            continue
+        for method in config.redteam.methods:
+            path = out / "runs" / run.name / "redteam" / method / "summary.json"
+            if path.exists():
+                summary = json.loads(path.read_text())
+                rows.append({"run": run.name, "share": run.share, "design": run.design, "method": method,
+                             "n": summary["n"], "successes": summary["successes"],
+                             "toxicity": summary.get("mean_continuation_toxicity")})
+    return rows
+
+
+def redteam_table(config: SweepConfig, rows: list[dict]) -> list[str]:
+    """Table 3 analogue: GCG attack success per share and method, attacks pooled over seeds
+    (Wilson 95% interval), with the per-seed rates."""
+    from jaxlm.evaluate.redteam import wilson_interval
+
+    if not rows:
+        return []
+    lines = ["| model | method | attacks | success rate [95% CI] | per seed | mean continuation toxicity |",
+             "|---|---|---|---|---|---|"]
+    for share in sorted({r["share"] for r in rows}):
+        for method in config.redteam.methods:
+            chosen = [r for r in rows if r["share"] == share and r["method"] == method]
+            if not chosen:
+                continue
+            n, k = sum(r["n"] for r in chosen), sum(r["successes"] for r in chosen)
+            lo, hi = wilson_interval(k, n)
+            per_seed = ", ".join(f"{r['successes']}/{r['n']}" for r in chosen)
+            tox = [r["toxicity"] for r in chosen if r["toxicity"] is not None]
+            lines.append(f"| {share:.0%} toxic | {method} | {n} | {k / n:.1%} [{lo:.1%}, {hi:.1%}] | {per_seed} | "
+                         f"{np.mean(tox):.3f} |" if tox else f"| {share:.0%} toxic | {method} | {n} | "
+                         f"{k / n:.1%} [{lo:.1%}, {hi:.1%}] | {per_seed} | - |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
@@ -547,12 +637,21 @@ def write_report(config: SweepConfig, out: str | Path, runs: Sequence[RunSpec], 
     ]
     for design in config.designs:
         lines += [f"## Per share ({design} design)", "", *per_share_table(config, rows, design, probe_acc, runs), ""]
+    posttraining = posttrain_table(config, out, runs)
+    if posttraining:
+        lines += ["## Post-training data and runs", "",
+                  "SFT on the least toxic of each prompt's own samples; DPO on (least, most toxic) pairs "
+                  f"(jaxlm.onpolicy; scorer `{config.posttrain.onpolicy_config('').scorer}`).", "", *posttraining, ""]
+    attacks = load_redteam(config, out, runs)
+    if attacks:
+        lines += ["## Table 3 analogue: GCG attack success", "", *redteam_table(config, attacks), ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
     if timings:
         lines += ["Stage wall times (this invocation, s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
     (target / "report.md").write_text("\n".join(lines))
     summary = {"claims": claims, "rows": [{k: v for k, v in r.items() if not k.endswith("_prompt_max")} for r in rows],
                "probe_accuracy": {k: {"mean": float(v.mean()), "max": float(v.max())} for k, v in probe_acc.items()},
-               "training": {k: {"step_seconds": v["step_seconds"], "final": v.get("final")} for k, v in trained.items()}}
+               "training": {k: {"step_seconds": v["step_seconds"], "final": v.get("final")} for k, v in trained.items()},
+               "redteam": attacks}
     (target / "report.json").write_text(json.dumps(summary, indent=1, default=float))
     return target / "report.md"

@@ -1,4 +1,5 @@
-"""Running a sweep: prepare -> pretrain -> probe -> interventions ("iti") -> evaluate -> (toy) -> report, resumable.
+"""Running a sweep: prepare -> pretrain -> probe -> interventions ("iti") -> post-train -> evaluate ->
+red-team -> (toy) -> report, resumable.
 
 Layout of the sweep directory ``OUT``::
 
@@ -8,7 +9,10 @@ Layout of the sweep directory ``OUT``::
     OUT/runs/<run>/iti.safetensors      the ITI intervention (the iti section; alpha set per method)
     OUT/runs/<run>/interventions/<name>.safetensors   each ``methods:`` spec's intervention
     OUT/runs/<run>/activations/<site>.npy   residual activations of the probe set (for specs)
+    OUT/runs/<run>/posttrain/data/      on-policy samples, SFT rows, DPO pairs (jaxlm.onpolicy)
+    OUT/runs/<run>/posttrain/{sft,dpo}/ post-training runs (init_from the run's train/)
     OUT/runs/<run>/eval/<method>.json   toxicity + capability of one generation method
+    OUT/runs/<run>/redteam/<method>/    GCG attacks on one method (attacks.jsonl, summary.json)
     OUT/toy/                            the toy experiment (when configured)
     OUT/report.md, report.json, *.png   the study's report (jaxlm.sweep.report)
 
@@ -25,7 +29,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,14 +36,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxlm import files
 from jaxlm.config import ConfigError, dump_yaml, to_dict
 from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.sweep.config import SweepConfig
-from jaxlm.sweep.plan import ITI_BUILD, Build, Method, RunSpec, builds, methods_for, plan_runs, train_config
+from jaxlm.sweep.plan import (
+    ITI_BUILD, PRETRAINED, Build, Method, RunSpec, builds, methods_for, plan_runs, posttrain_config, posttrained,
+    redteamed, train_config,
+)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "probe", "iti", "eval", "toy", "report")
+STAGES = ("prepare", "train", "probe", "iti", "posttrain", "eval", "redteam", "toy", "report")
+PER_RUN_STAGES = ("train", "probe", "iti", "posttrain", "eval", "redteam")
 
 
 class SweepInterrupted(RuntimeError):
@@ -80,17 +88,12 @@ def is_done(output: Path, fp: str) -> bool:
 
 
 def mark_done(output: Path, fp: str, **extra: Any) -> None:
-    marker = _marker(output)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, **extra}, indent=1))
-    os.replace(tmp, marker)
+    files.write_json(_marker(output), {"fingerprint": fp, **extra})
 
 
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    files.write_json(path, value)
 
 
 @dataclasses.dataclass
@@ -104,6 +107,22 @@ class RunState:
     iti_fp: str = ""
     build_fps: dict[str, str] = dataclasses.field(default_factory=dict)  # build name -> fingerprint
     acts_fps: dict[str, str] = dataclasses.field(default_factory=dict)  # residual site -> fingerprint
+    onpolicy_fp: str = ""
+    posttrain_fps: dict[str, str] = dataclasses.field(default_factory=dict)  # sft / dpo -> fingerprint
+
+    def model_dir(self, model: str) -> Path:
+        """The run directory of the run's ``model``: pretrained, or post-trained (sft, dpo)."""
+        return self.train_dir if model == PRETRAINED else self.root / "posttrain" / model
+
+    def model_fp(self, model: str) -> str:
+        return self.train_fp if model == PRETRAINED else self.posttrain_fps[model]
+
+    @property
+    def onpolicy_dir(self) -> Path:
+        return self.root / "posttrain" / "data"
+
+    def redteam_dir(self, method: str) -> Path:
+        return self.root / "redteam" / method
 
     @property
     def train_dir(self) -> Path:
@@ -141,7 +160,7 @@ class Sweep:
         self.dataset: Path | None = None
         self.data_fp = ""
         self.timings: dict[str, float] = {}
-        self._loaded: tuple[str, Any] | None = None  # (train fingerprint, LoadedModel) of the current run
+        self._loaded: dict[str, Any] = {}  # model fingerprint -> LoadedModel (at most two)
 
     # -- orchestration -------------------------------------------------------------------
 
@@ -159,7 +178,7 @@ class Sweep:
         dump_yaml(self.config, self.out / "sweep.yaml")
         self.prepare(build="prepare" in stages)
         self.fingerprint_runs()
-        per_run = [s for s in ("train", "probe", "iti", "eval") if s in stages]
+        per_run = [s for s in PER_RUN_STAGES if s in stages]
         for i, run in enumerate(self.runs, 1):
             did_work = False
             for stage in per_run:
@@ -209,18 +228,32 @@ class Sweep:
                 upstream = run.probe_fp if site == "head_out" else run.acts_fps[site]
                 calibration = (self.config.eval.ce_len, self.config.iti.calibration_rows) if build.calibrated else ()
                 run.build_fps[build.name] = fingerprint(upstream, to_dict(build.spec), calibration)
+            if posttrained(self.config, run.spec):
+                from jaxlm.data.labelled import RTP_SPLIT_VERSION
+                from jaxlm.decode import SAMPLER_VERSION
+
+                onpolicy = self.config.posttrain.onpolicy_config(str(self.dataset))
+                run.onpolicy_fp = fingerprint(run.train_fp, to_dict(onpolicy), SAMPLER_VERSION, RTP_SPLIT_VERSION)
+                run.posttrain_fps = {
+                    objective: fingerprint(run.onpolicy_fp, to_dict(self._posttrain_config(run, objective)))
+                    for objective in self.config.posttrain.objectives
+                }
 
     def _require(self, run: RunState, output: Path, fp: str, stage: str) -> None:
         if not is_done(output, fp):
             raise SweepError(f"{run.spec.name}: {output} is missing or stale; run the {stage} stage first")
 
-    def model(self, run: RunState):
-        """The run's trained model, read from its checkpoint once for probe, calibration and eval."""
-        if self._loaded is None or self._loaded[0] != run.train_fp:
+    def model(self, run: RunState, which: str = PRETRAINED):
+        """The run's pretrained (or post-trained: ``which`` = sft, dpo) model, read from its
+        checkpoint once for the stages that use it in turn."""
+        fp = run.model_fp(which)
+        if fp not in self._loaded:
             from jaxlm.checkpoint import load_model
 
-            self._loaded = (run.train_fp, load_model(run.train_dir))
-        return self._loaded[1]
+            if len(self._loaded) >= 2:  # this run's pretrained model and one other at a time
+                self._loaded.pop(next(k for k in self._loaded if k != run.train_fp))
+            self._loaded[fp] = load_model(run.model_dir(which))
+        return self._loaded[fp]
 
     def train_run(self, run: RunState, label: str) -> bool:
         from jaxlm.loop import train
@@ -354,6 +387,106 @@ class Sweep:
                 scales[build.name] = json.loads(_marker(path).read_text())["alphas"]
         return scales
 
+    def _posttrain_config(self, run: RunState, objective: str):
+        examples = run.onpolicy_dir / ("sft.jsonl" if objective == "sft" else "dpo.jsonl")
+        return posttrain_config(self.config, run.spec, objective, str(run.train_dir), str(examples))
+
+    def posttrain_run(self, run: RunState, label: str) -> bool:
+        """SFT and DPO of the run's pretrained model on data sampled from it (``jaxlm.onpolicy``)."""
+        if not posttrained(self.config, run.spec):
+            return False
+        objectives = self.config.posttrain.objectives
+        todo = [o for o in objectives if not is_done(run.model_dir(o), run.posttrain_fps[o])]
+        if not todo:
+            return False
+        self._require(run, run.train_dir, run.train_fp, "train")
+        self.echo(f"{label}: {', '.join(todo)}")
+        if not is_done(run.onpolicy_dir, run.onpolicy_fp):
+            from jaxlm.onpolicy import build_detox_data
+
+            if run.onpolicy_dir.exists():  # built under other settings or from another model
+                shutil.rmtree(run.onpolicy_dir)
+            started = time.perf_counter()
+            data = build_detox_data(self.model(run), self.config.posttrain.onpolicy_config(str(self.dataset)),
+                                    out_dir=run.onpolicy_dir, progress=self.progress)
+            mark_done(run.onpolicy_dir, run.onpolicy_fp, seconds=round(time.perf_counter() - started, 1),
+                      counts=data.summary.get("counts"))
+        from jaxlm.loop import train
+
+        for objective in todo:
+            directory, fp = run.model_dir(objective), run.posttrain_fps[objective]
+            self._discard_stale(run, directory, fp, f"posttrain.{objective}")
+            started = time.perf_counter()
+            result = train(self._posttrain_config(run, objective), directory, show_progress=self.progress)
+            if result.stopped_by != "completed":
+                raise SweepInterrupted(f"{run.spec.name}: {objective} stopped by {result.stopped_by} at step "
+                                       f"{result.step}; rerun to continue")
+            mark_done(directory, fp, seconds=round(time.perf_counter() - started, 1), final=result.last_metrics)
+        return True
+
+    def redteam_run(self, run: RunState, label: str) -> bool:
+        """GCG attacks on each of ``redteam.methods`` of the run (``jaxlm.evaluate.redteam``)."""
+        if not redteamed(self.config, run.spec):
+            return False
+        methods = {m.name: m for m in methods_for(self.config, run.spec, self.run_scales(run))}
+        chosen = [methods[name] for name in self.config.redteam.methods if name in methods]
+        fps = {m.name: self._redteam_fp(run, m) for m in chosen}
+        todo = [m for m in chosen if not is_done(run.redteam_dir(m.name), fps[m.name])]
+        if not todo:
+            return False
+        self._require(run, run.train_dir, run.train_fp, "train")
+        self.echo(f"{label}: {', '.join(m.name for m in todo)}")
+        from jaxlm.evaluate import redteam
+
+        attack = self.config.redteam.attack
+        for method in todo:
+            self._require_model(run, method)
+            directory = run.redteam_dir(method.name)
+            self._discard_stale(run, directory, fps[method.name], f"redteam {method.name}")
+            model = self.model(run, method.model)
+            pairs = redteam.attack_pairs(None, model.tokenizer, attack.pairs, attack.seed, prompt_tokens=attack.prompt_tokens,
+                                         target_tokens=attack.target_tokens, min_toxicity=attack.min_toxicity)
+            started = time.perf_counter()
+            summary = redteam.run_attacks(
+                model, pairs, attack.gcg, intervention=self._intervention(run, method, model), scorer=attack.scorer,
+                out_dir=directory, continuation_tokens=attack.continuation_tokens, progress=self.progress,
+                pairs_info=redteam.pair_settings(None, attack),
+            )
+            mark_done(directory, fps[method.name], seconds=round(time.perf_counter() - started, 1),
+                      success_rate=summary.get("success_rate"))
+        return True
+
+    def _redteam_fp(self, run: RunState, method: Method) -> str:
+        from jaxlm.data.labelled import RTP_SPLIT_VERSION
+
+        upstream = run.build_fps[method.build] if method.intervened else ""
+        return fingerprint(run.model_fp(method.model), upstream, method.fingerprint_fields(),
+                           to_dict(self.config.redteam.attack), RTP_SPLIT_VERSION)
+
+    def _require_model(self, run: RunState, method: Method) -> None:
+        """The method's inputs are finished: its intervention build, or its post-training run."""
+        if method.intervened:
+            self._require(run, run.build_path(method.build), run.build_fps[method.build], "iti")
+        if method.posttrained:
+            self._require(run, run.model_dir(method.model), run.model_fp(method.model), "posttrain")
+
+    def _intervention(self, run: RunState, method: Method, model):
+        if not method.intervened:
+            return None
+        from jaxlm.intervene import Intervention
+
+        return Intervention.load(run.build_path(method.build), model.config).with_scale(method.scale)
+
+    def _discard_stale(self, run: RunState, directory: Path, fp: str, what: str) -> None:
+        """Remove ``directory`` when its unfinished work was started under other settings (resuming
+        it would mix them); work started under the current ones resumes."""
+        started = directory.parent / f"{directory.name}.started.json"
+        previous = json.loads(started.read_text())["fingerprint"] if started.exists() else None
+        if previous not in (None, fp) and directory.exists():
+            self.echo(f"{run.spec.name}: the settings of {what} changed: starting it afresh")
+            shutil.rmtree(directory)
+        write_json(started, {"fingerprint": fp})
+
     @functools.cached_property
     def eval_inputs(self) -> dict[str, Any]:
         from jaxlm import ops
@@ -369,20 +502,17 @@ class Sweep:
         if not todo:
             return False
         self._require(run, run.train_dir, run.train_fp, "train")
-        needed = list(dict.fromkeys(m.build for m in todo if m.intervened))
-        for build in needed:
-            self._require(run, run.build_path(build), run.build_fps[build], "iti")
+        for method in todo:
+            self._require_model(run, method)
         self.echo(f"{label}: {', '.join(m.name for m in todo)}")
-        model = self.model(run)
-        from jaxlm.intervene import Intervention
-
-        interventions = {build: Intervention.load(run.build_path(build), model.config) for build in needed}
         base_capability = None
         for method in todo:
             started = time.perf_counter()
-            intervention = interventions[method.build].with_scale(method.scale) if method.intervened else None
-            result = ops.evaluate(model, intervention, self.eval_inputs, self.config.eval, prefix=method.prefix,
-                                  capability=base_capability, progress=self.progress)
+            model = self.model(run, method.model)
+            reference = self.model(run) if method.posttrained else None
+            result = ops.evaluate(model, self._intervention(run, method, model), self.eval_inputs, self.config.eval,
+                                  prefix=method.prefix, capability=None if method.posttrained else base_capability,
+                                  reference=reference, progress=self.progress)
             if method.name == "base":
                 base_capability = {k: result[k] for k in ops.CAPABILITY_FIELDS}
             result.update(run=run.spec.name, method=method.name, seconds=round(time.perf_counter() - started, 1))
@@ -392,11 +522,14 @@ class Sweep:
 
     def _eval_fp(self, run: RunState, method: Method) -> str:
         from jaxlm.decode import SAMPLER_VERSION
+        from jaxlm.data.labelled import RTP_SPLIT_VERSION
         from jaxlm.evaluate.protocols import PROMPT_ENCODING_VERSION
 
         upstream = run.build_fps[method.build] if method.intervened else ""
+        if method.posttrained:
+            upstream = run.posttrain_fps[method.model]
         return fingerprint(run.train_fp, upstream, method.fingerprint_fields(), to_dict(self.config.eval), SAMPLER_VERSION,
-                           PROMPT_ENCODING_VERSION)
+                           PROMPT_ENCODING_VERSION, RTP_SPLIT_VERSION)
 
     def toy(self) -> None:
         if self.config.toy is None:
