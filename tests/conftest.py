@@ -11,6 +11,20 @@ import pytest  # noqa: E402
 from jaxlm.paths import DATA_DIR_ENV, MissingDataError, data_dir  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. XLA:CPU maps the code of every
+    executable it keeps; over the whole suite one process would otherwise pass the kernel's
+    limit on memory mappings (vm.max_map_count, 65530), and the next compile would crash."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def _data_required() -> bool:
     return bool(os.environ.get("JAXLM_REQUIRE_DATA") or os.environ.get("CI"))
 

@@ -261,7 +261,8 @@ class Sweep:
         if is_done(run.train_dir, run.train_fp):
             return False
         self.echo(label)
-        self._discard_stale_training(run)
+        self._discard_stale(run.train_dir, run.train_fp,
+                            f"{run.spec.name}: its settings changed since it was trained: training afresh")
         cfg = train_config(self.config, run.spec, str(self.dataset))
         started = time.perf_counter()
         result = train(cfg, run.train_dir, show_progress=self.progress)
@@ -269,18 +270,6 @@ class Sweep:
             raise SweepInterrupted(f"{run.spec.name}: stopped by {result.stopped_by} at step {result.step}; rerun to continue")
         mark_done(run.train_dir, run.train_fp, seconds=round(time.perf_counter() - started, 1), final=result.last_metrics)
         return True
-
-    def _discard_stale_training(self, run: RunState) -> None:
-        """A training directory whose checkpoints were written under other settings is removed
-        (resuming it would skip or mix the new training); one with the current settings, or a
-        run killed before this record existed with no finished marker, resumes."""
-        started = run.root / "train.started.json"
-        previous = json.loads(started.read_text())["fingerprint"] if started.exists() else None
-        stale = previous != run.train_fp if previous is not None else _marker(run.train_dir).exists()
-        if stale and run.train_dir.exists():
-            self.echo(f"{run.spec.name}: its settings changed since it was trained: training afresh")
-            shutil.rmtree(run.train_dir)
-        write_json(started, {"fingerprint": run.train_fp})
 
     @functools.cached_property
     def labelled(self):
@@ -415,7 +404,8 @@ class Sweep:
 
         for objective in todo:
             directory, fp = run.model_dir(objective), run.posttrain_fps[objective]
-            self._discard_stale(run, directory, fp, f"posttrain.{objective}")
+            self._discard_stale(directory, fp, f"{run.spec.name}: the settings of posttrain.{objective} changed: "
+                                               "post-training afresh")
             started = time.perf_counter()
             result = train(self._posttrain_config(run, objective), directory, show_progress=self.progress)
             if result.stopped_by != "completed":
@@ -442,7 +432,8 @@ class Sweep:
         for method in todo:
             self._require_model(run, method)
             directory = run.redteam_dir(method.name)
-            self._discard_stale(run, directory, fps[method.name], f"redteam {method.name}")
+            self._discard_stale(directory, fps[method.name], f"{run.spec.name}: the red-teaming settings of "
+                                                             f"{method.name} changed: attacking afresh")
             model = self.model(run, method.model)
             pairs = redteam.attack_pairs(None, model.tokenizer, attack.pairs, attack.seed, prompt_tokens=attack.prompt_tokens,
                                          target_tokens=attack.target_tokens, min_toxicity=attack.min_toxicity)
@@ -477,13 +468,16 @@ class Sweep:
 
         return Intervention.load(run.build_path(method.build), model.config).with_scale(method.scale)
 
-    def _discard_stale(self, run: RunState, directory: Path, fp: str, what: str) -> None:
-        """Remove ``directory`` when its unfinished work was started under other settings (resuming
-        it would mix them); work started under the current ones resumes."""
+    def _discard_stale(self, directory: Path, fp: str, message: str) -> None:
+        """Remove ``directory`` (a training run, attacks) when its work was started under other
+        settings (resuming it would skip or mix them), saying ``message``; work started under
+        the current ones, or killed before this record existed with no finished marker, resumes.
+        Callers call it for unfinished work only."""
         started = directory.parent / f"{directory.name}.started.json"
         previous = json.loads(started.read_text())["fingerprint"] if started.exists() else None
-        if previous not in (None, fp) and directory.exists():
-            self.echo(f"{run.spec.name}: the settings of {what} changed: starting it afresh")
+        stale = previous != fp if previous is not None else _marker(directory).exists()
+        if stale and directory.exists():
+            self.echo(message)
             shutil.rmtree(directory)
         write_json(started, {"fingerprint": fp})
 
