@@ -73,14 +73,13 @@ def write_json(path: Path, value: Any) -> None:
     files.write_json(path, value)
 
 
-def posttrain(study: Study, objective: str, examples: Path, run_dir: Path) -> Path:
-    from jaxlm.checkpoint import load_model
+def posttrain(study: Study, model_config, objective: str, examples: Path, run_dir: Path) -> Path:
+    """``objective`` (sft, dpo) of the study's model (``model_config``: its config) on ``examples``."""
     from jaxlm.loop import TrainConfig, train
 
     settings = getattr(study, objective)
-    model = load_model(study.checkpoint)
     config = from_dict(TrainConfig, {
-        "model": to_dict(model.config), "objective": objective, "init_from": study.checkpoint,
+        "model": to_dict(model_config), "objective": objective, "init_from": study.checkpoint,
         "examples": {"paths": [str(examples)], "format": "sft" if objective == "sft" else "preference",
                      "seq_len": settings.seq_len, "batch_size": settings.batch_size, "add_eos": settings.add_eos},
         "optimizer": to_dict(settings.optimizer), "dpo": to_dict(settings.dpo), "steps": settings.steps,
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"sft": ("sft", data.sft_path), "dpo": ("dpo", data.dpo_path),
             "sft-random": ("sft", random_sample_rows(data.samples_path, out / "sft_random.jsonl"))}
     for name, (objective, examples) in runs.items():
-        models[name] = load_model(posttrain(study, objective, examples, out / name))
+        models[name] = load_model(posttrain(study, base.config, objective, examples, out / name))
     iti = build_iti(study, base, out)
     interventions = {"iti": iti}
     inputs = ops.read_eval_inputs(study.eval)

@@ -513,9 +513,10 @@ def _train_locked(
     try:
         check_meta = checkpoint_config_check(config, run_dir, allow_config_change) if recorded is None else None
         restored = checkpoints.restore_latest(trainer.abstract_state(), check_meta)
-        start_model = None
+        start_model = start_info = None
         if config.init_from is not None and (restored is None or _needs_start_model(config, run_dir)):
             start_model = warmstart.load_start_model(config.init_from, config.model)
+            start_info = warmstart.start_record(config.init_from, start_model)  # hashes its weights once
         pipeline = _build_data(config, run_dir, start_model, restored.data_state if restored else None)
         if pipeline.vocab_size > config.model.vocab_size:
             raise ConfigError(
@@ -534,19 +535,20 @@ def _train_locked(
             state, start = trainer.init_state(config.seed), 0
         reference = None
         if config.objective == "dpo":
-            reference = warmstart.run_reference(config, run_dir, trainer, mesh, pipeline, start_model, show_progress)
+            reference = warmstart.run_reference(config, run_dir, trainer, mesh, pipeline, start_model, start_info,
+                                              show_progress)
         # Inputs valid, checkpoint restored: from here on the run directory is written.
         metrics_log = MetricsLog(run_dir, restored.step if restored else None, config.tensorboard)
         if jax.process_index() == 0:
             write_run_config(config, run_dir)
             copy_tokenizer(pipeline.tokenizer_path, run_dir, fresh=restored is None)
-            if start_model is not None and (restored is None or warmstart.read_start_record(run_dir) is None):
-                write_json(run_dir / warmstart.START_FILE, warmstart.start_record(config.init_from, start_model))
+            if start_info is not None and (restored is None or warmstart.read_start_record(run_dir) is None):
+                write_json(run_dir / warmstart.START_FILE, start_info)
             if config.objective != "lm":
                 write_json(run_dir / EXAMPLES_SUMMARY, pipeline.summary())
             if reference is not None and reference.computed:
                 warmstart.save_reference(run_dir, reference.table, reference.fingerprint)
-        start_model = None  # the parameters now live in the state
+        start_model = start_info = None  # the parameters now live in the state
         result = _run_steps(config, run_dir, trainer, mesh, pipeline, checkpoints, metrics_log, eval_sets,
                             state, start, max_steps, show_progress, reference)
     except BaseException:

@@ -188,16 +188,16 @@ class ReferenceLogprobs:
         return {**example, **{k: jax.ShapeDtypeStruct((n,), np.float32) for k in ("ref_chosen_logp", "ref_rejected_logp")}}
 
 
-def run_reference(config, run_dir: Path, trainer, mesh, pipeline, start_model, show_progress: bool) -> ReferenceLogprobs:
+def run_reference(config, run_dir: Path, trainer, mesh, pipeline, start_model: LoadedModel | None, start: dict | None,
+                  show_progress: bool) -> ReferenceLogprobs:
     """The starting model's log-probs of every pair of a DPO run (``config``: its ``TrainConfig``;
-    ``trainer``, ``mesh``, ``pipeline``: the run's): read from ``run_dir``, or computed once."""
-    record = read_start_record(run_dir)
-    model_sha = record["params_sha256"] if record and start_model is None else None
-    if model_sha is None:
-        if start_model is None:  # resumed, no record: read the start again to know its identity
-            start_model = load_start_model(config.init_from, config.model)
-        model_sha = ckpt.params_sha256(start_model.params)
-    fingerprint = hashlib.sha256(f"{model_sha}:{pipeline.summary()['fingerprint']}".encode()).hexdigest()
+    ``trainer``, ``mesh``, ``pipeline``: the run's; ``start_model`` and its ``start_record``
+    when this start read it): read from ``run_dir``, or computed once."""
+    record = start if start is not None else read_start_record(run_dir)
+    if record is None:  # resumed, no record: read the start again to know its identity
+        start_model = load_start_model(config.init_from, config.model)
+        record = start_record(config.init_from, start_model)
+    fingerprint = hashlib.sha256(f"{record['params_sha256']}:{pipeline.fingerprint}".encode()).hexdigest()
     table = load_reference(run_dir, fingerprint)
     if table is not None:
         return ReferenceLogprobs(table, fingerprint, computed=False)
