@@ -137,7 +137,7 @@ METHODS = ("base", "iti", "sft", "sft-random", "dpo")
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
-    from jaxlm.sweep.report import paired_test
+    from jaxlm.evaluate.stats import paired_test
 
     return paired_test(np.asarray(a), np.asarray(b))
 

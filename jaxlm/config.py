@@ -56,6 +56,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # ``section: null`` switches an optional section off (not its defaults)
         errors = []
         for option in typing.get_args(tp):
             try:

@@ -94,6 +94,8 @@ class EvalSettings:
     blimp_per_paradigm: int | None = 10
     batch_size: int = 64
     scorer: str = "default"
+    extra_scorers: tuple[str, ...] = ()  # further scorers of the same RTP generations
+    continuations: int = 0  # RTP prompts per file whose own continuations are scored by likelihood
     seed: int = 0
     top_p: float = 0.9
 
@@ -137,6 +139,12 @@ def read_eval_inputs(settings, suites: Sequence[str] = EVAL_SUITES, data_dir: st
         inputs["blimp"] = capability.read_blimp(dataset_path("eval/blimp", data_dir), limit_per_paradigm=e.blimp_per_paradigm)
     if set(TOXICITY_SUITES) & set(suites):
         inputs["scorer"] = get_scorer(e.scorer)
+        inputs["extra_scorers"] = {name: get_scorer(name) for name in e.extra_scorers}
+    if "rtp" in suites and e.continuations:
+        from jaxlm.evaluate.continuations import read_continuation_pairs
+
+        inputs["continuations"] = read_continuation_pairs(dataset_path("eval/rtp", data_dir), limit=e.continuations,
+                                                          seed=e.seed)
     return inputs
 
 
@@ -199,9 +207,48 @@ def evaluate(model, intervention: Intervention | None, inputs: dict[str, Any], s
         out[name] = result.summary()
         out[f"{name}_prompt_max"] = [max(r["scores"]) for r in result.records]
         out[f"{name}_example"] = {"prompt": result.records[0]["prompt"], "continuation": result.records[0]["continuations"][0]}
+        if name == "rtp" and inputs.get("extra_scorers"):
+            out["rtp_prompt_max_by"] = rescored_prompt_max(result.records, inputs["extra_scorers"])
+    if inputs.get("continuations") is not None:
+        out["rtp_continuations"] = continuation_likelihood(model, intervention, inputs["continuations"], settings,
+                                                           prefix=prefix, progress=progress)
     if intervention is None and capability is not None:
         out.update(capability)
         return out
     cost = capability_cost(model, intervention, inputs, settings, reference=reference, progress=False)
     out.update(ce=cost["ce"], kl=cost["kl"], blimp_accuracy=cost["blimp_accuracy"], blimp_per_field=cost["per_field"])
     return out
+
+
+def rescored_prompt_max(records: Sequence[dict], scorers: dict[str, Any]) -> dict[str, list[float]]:
+    """Per-prompt max toxicity of a protocol's continuations (``ProtocolResult.records``) under each
+    of ``scorers`` (name -> scorer): the same generations, judged by another scorer."""
+    from jaxlm.evaluate.protocols import score_texts
+
+    flat = [text for record in records for text in record["continuations"]]
+    out = {}
+    for name, scorer in scorers.items():
+        scores, offset, per_prompt = score_texts(scorer, flat), 0, []
+        for record in records:
+            n = len(record["continuations"])
+            per_prompt.append(float(np.max(scores[offset:offset + n])))
+            offset += n
+        out[name] = per_prompt
+    return out
+
+
+def continuation_likelihood(model, intervention: Intervention | None, pairs, settings, *, prefix: str = "",
+                            progress: bool = True) -> dict[str, Any]:
+    """The scorer-free measure (``jaxlm.evaluate.continuations``): the mean per-token log-likelihood
+    ``model`` (with ``intervention``) gives each of RTP's own continuations after its prompt (and
+    ``prefix``), per example, with the toxic minus non-toxic gap."""
+    from jaxlm.evaluate import continuations
+
+    e = EvalSettings.of(settings)
+    examples = [dataclasses.replace(x, prompt=prefix + x.prompt) for x in pairs.examples] if prefix else pairs.examples
+    logprobs = continuations.continuation_logprobs(model.config, model.params, model.tokenizer, examples,
+                                                   intervention=intervention, batch_size=e.batch_size,
+                                                   progress=progress)
+    labels = np.array([x.label for x in pairs.examples])
+    return {"logprob": [float(v) for v in logprobs], "label": labels.tolist(), "counts": pairs.counts(),
+            **continuations.toxic_preference(logprobs, labels)}

@@ -12,7 +12,8 @@ once: one jitted, ``vmap``-ed Newton solver over heads, on a seeded stratified 4
 accuracies agree with a per-head scikit-learn loop; features are centred and scaled
 inside the solver for conditioning only (``standardize=True`` penalises the standardised
 weights instead, i.e. ``StandardScaler`` + ``LogisticRegression``). Weights come back in
-activation space, ready to be ITI directions.
+activation space, ready to be ITI directions. ``transfer_accuracy`` fits the same probes on
+one labelled set and scores them on another (cross-dataset transfer).
 """
 
 from __future__ import annotations
@@ -603,6 +604,42 @@ def train_probes(activations: np.ndarray, labels: np.ndarray, config: ProbeConfi
         converged=final.converged.reshape(grid),
         accuracy_std=accuracy_std,
     )
+
+
+def transfer_accuracy(
+    train_acts: np.ndarray,
+    train_labels: np.ndarray,
+    test_acts: np.ndarray,
+    test_labels: np.ndarray,
+    config: ProbeConfig = ProbeConfig(),
+) -> dict:
+    """How well per-head probes fit on one labelled set score another (e.g. ToxiGen -> RTP).
+
+    Fits every head's logistic probe on all of ``train_acts`` [N, L, H, D] (the solver and
+    ``C``/``standardize`` of ``train_probes``) and scores ``test_acts`` [M, L, H, D]: returns
+    ``{"accuracy": [L, H], "auc": [L, H], "n_train": N, "n_test": M}``.
+    """
+    train_acts, test_acts = np.asarray(train_acts), np.asarray(test_acts)
+    for name, acts in (("train", train_acts), ("test", test_acts)):
+        if acts.ndim != 4:
+            raise ProbeError(f"{name} activations must be [N, L, H, D], got shape {acts.shape}")
+    if train_acts.shape[1:] != test_acts.shape[1:]:
+        raise ProbeError(f"train activations are [N, {train_acts.shape[1:]}] but test activations [M, {test_acts.shape[1:]}]")
+    train_labels, test_labels = _check_labels(train_labels), _check_labels(test_labels)
+    for name, acts, labels in (("train", train_acts, train_labels), ("test", test_acts, test_labels)):
+        if len(labels) != len(acts):
+            raise ProbeError(f"{len(acts)} {name} activation rows but {len(labels)} labels")
+    n, n_layers, n_heads, d = train_acts.shape
+    fits = fit_logistic_heads(train_acts.reshape(n, n_layers * n_heads, d), train_labels, C=config.C,
+                              standardize=config.standardize, max_iter=config.max_iter, tol=config.tol)
+    test_features = test_acts.reshape(len(test_acts), n_layers * n_heads, d).astype(np.float32)
+    scores = np.einsum("mgd,gd->gm", test_features, fits.coef) + fits.intercept[:, None]
+    return {
+        "accuracy": accuracy_scores(scores, test_labels).reshape(n_layers, n_heads),
+        "auc": auc_scores(scores, test_labels).reshape(n_layers, n_heads),
+        "n_train": int(n),
+        "n_test": int(len(test_acts)),
+    }
 
 
 def plot_heatmap(accuracy: np.ndarray, path: str | os.PathLike, *, title: str = "probe accuracy") -> Path:

@@ -140,8 +140,8 @@ RTP_PROMPTS = {
 
 @pytest.fixture(scope="session")
 def crafted_data_dir(tmp_path_factory):
-    """Labelled ToxiGen prompts, RTP prompts, WikiText-2 and BLiMP files filled with crafted
-    text, plus synthetic clean/toxic corpora as JSONL (``corpora/{clean,toxic}.jsonl``)."""
+    """Labelled ToxiGen prompts, Davidson tweets, RTP prompts, WikiText-2 and BLiMP files filled with
+    crafted text, plus synthetic clean/toxic corpora as JSONL (``corpora/{clean,toxic}.jsonl``)."""
     import gzip
     import json
 
@@ -156,8 +156,14 @@ def crafted_data_dir(tmp_path_factory):
     rtp.mkdir(parents=True)
     for name, score in (("toxic", 0.9), ("nontoxic", 0.05)):
         with (rtp / f"{name}.jsonl").open("w") as f:
-            for line in RTP_PROMPTS[name]:
-                f.write(json.dumps({"prompt": {"text": line, "toxicity": score}, "continuation": {"text": line, "toxicity": score}}) + "\n")
+            for i, line in enumerate(RTP_PROMPTS[name]):
+                f.write(json.dumps({"filename": f"{name}-{i}.txt", "prompt": {"text": line, "toxicity": score},
+                                    "continuation": {"text": line, "toxicity": score}}) + "\n")
+    davidson = root / "labelled" / "davidson"
+    davidson.mkdir(parents=True)
+    rows = [(1, f"{text} {i}") for i, text in enumerate(MEAN * 2)] + [(2, f"{text} {i}") for i, text in enumerate(KIND * 2)]
+    (davidson / "labeled_data.csv").write_text(",count,hate_speech,offensive_language,neither,class,tweet\n" + "".join(
+        f"{i},3,0,{3 if c == 1 else 0},{3 if c == 2 else 0},{c},{t}\n" for i, (c, t) in enumerate(rows)))
     wiki = root / "eval" / "wikitext2"
     wiki.mkdir(parents=True)
     (wiki / "test.txt").write_text(" = Article = \n\n " + " . ".join(KIND * 5) + " \n\n = Other = \n\n " + " , ".join(KIND) + " \n")

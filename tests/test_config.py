@@ -99,3 +99,21 @@ def test_mesh_resolution():
         MeshConfig(fsdp=3).resolve(8)
     with pytest.raises(ConfigError, match="at most one"):
         MeshConfig(data=-1, fsdp=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    size: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithOptionalSection:
+    section: _Section | None = _Section()
+    other: _Section | None = None
+
+
+def test_null_switches_an_optional_section_off_and_a_mapping_merges_with_defaults():
+    assert from_dict(_WithOptionalSection, {"section": None}).section is None
+    assert from_dict(_WithOptionalSection, {"other": {}}).other == _Section()
+    assert from_dict(_WithOptionalSection, {"other": {"size": 5}}).other == _Section(5)
+    assert from_dict(_WithOptionalSection, {}) == _WithOptionalSection()

@@ -96,7 +96,14 @@ def test_read_eval_inputs_reads_only_the_suites_asked_for(crafted_data_dir, tmp_
     assert set(ops.read_eval_inputs(settings, ("ce",), data)) == {"ce_docs"}
     assert set(ops.read_eval_inputs(settings, ("blimp",), data)) == {"blimp"}
     inputs = ops.read_eval_inputs(settings, ("rtp", "toxigen"), data)
-    assert set(inputs) == {"rtp", "toxigen", "scorer"}
+    assert set(inputs) == {"rtp", "toxigen", "scorer", "extra_scorers"} and inputs["extra_scorers"] == {}
+    import dataclasses
+
+    from jaxlm.evaluate.continuations import read_continuation_pairs
+
+    more = ops.read_eval_inputs(dataclasses.replace(settings, extra_scorers=("profanity-check",), continuations=2), ("rtp",), data)
+    assert set(more) == {"rtp", "scorer", "extra_scorers", "continuations"} and set(more["extra_scorers"]) == {"profanity-check"}
+    assert more["continuations"] == read_continuation_pairs(crafted_data_dir / "eval/rtp", limit=2, seed=0)
     assert inputs["rtp"] == protocols.read_rtp(crafted_data_dir / "eval/rtp", limit=2, seed=0)
     assert inputs["toxigen"] == protocols.read_toxigen(crafted_data_dir / "labelled/toxigen/prompts")
     everything = ops.read_eval_inputs(settings, ops.EVAL_SUITES, data)

@@ -20,6 +20,7 @@ from jaxlm.probe import (
     stratified_folds,
     stratified_split,
     train_probes,
+    transfer_accuracy,
 )
 
 SIGNAL_HEADS = ((1, 2), (0, 1))  # strong, weaker
@@ -126,6 +127,59 @@ def test_report_files_and_round_trip(probes, tmp_path):
     np.testing.assert_array_equal(loaded.weights, probes.weights)
 
 
+def planted(n, seed, shift=0.0):
+    """[n, 2, 3, 6] noise with the label planted along one direction of head (1, 2); ``shift``
+    moves every row (a different data set along the same direction)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.5).astype(np.int32)
+    acts = rng.normal(size=(n, 2, 3, 6)) + shift
+    acts[:, 1, 2] += 1.5 * (2.0 * labels - 1.0)[:, None] * np.linspace(1.0, 0.2, 6)
+    return acts.astype(np.float32), labels
+
+
+def test_transfer_accuracy_follows_the_shared_direction():
+    train, test = planted(300, 0), planted(400, 1, shift=0.1)
+    out = transfer_accuracy(*train, *test)
+    assert out["accuracy"].shape == out["auc"].shape == (2, 3) and (out["n_train"], out["n_test"]) == (300, 400)
+    assert out["accuracy"][1, 2] > 0.95 and out["auc"][1, 2] > 0.98
+    others = np.delete(out["accuracy"].ravel(), 5)
+    assert np.all(np.abs(others - 0.5) < 0.1)  # heads without the signal do not transfer
+    random_labels = np.random.default_rng(2).permutation(test[1])
+    chance = transfer_accuracy(*train, test[0], random_labels)
+    assert abs(chance["accuracy"][1, 2] - 0.5) < 0.1 and abs(chance["auc"][1, 2] - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_transfer_accuracy_matches_sklearn(standardize):
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (x_train, y_train), (x_test, y_test) = planted(200, 3), planted(150, 4, shift=0.3)
+    config = ProbeConfig(C=0.3, standardize=standardize)
+    out = transfer_accuracy(x_train, y_train, x_test, y_test, config)
+    for layer, head in ((1, 2), (0, 0)):
+        reference = LogisticRegression(C=config.C, max_iter=1000, tol=1e-10)
+        if standardize:
+            reference = make_pipeline(StandardScaler(), reference)
+        reference.fit(x_train[:, layer, head], y_train)
+        assert abs(reference.score(x_test[:, layer, head], y_test) - out["accuracy"][layer, head]) <= 1e-3
+        expected_auc = roc_auc_score(y_test, reference.decision_function(x_test[:, layer, head]))
+        assert abs(expected_auc - out["auc"][layer, head]) <= 1e-3
+
+
+def test_transfer_accuracy_checks_its_inputs():
+    (x_train, y_train), (x_test, y_test) = planted(40, 5), planted(30, 6)
+    with pytest.raises(ValueError, match=r"test activations must be \[N, L, H, D\]"):
+        transfer_accuracy(x_train, y_train, x_test[:, 0], y_test)
+    with pytest.raises(ValueError, match="train activations are"):
+        transfer_accuracy(x_train, y_train, x_test[:, :1], y_test)
+    with pytest.raises(ValueError, match="30 test activation rows but 29 labels"):
+        transfer_accuracy(x_train, y_train, x_test, y_test[:-1])
+    with pytest.raises(ValueError, match="each class needs at least 2 examples"):
+        transfer_accuracy(x_train, y_train, x_test, np.zeros(30, np.int32))
+
+
 def test_bad_inputs_fail_clearly(synthetic):
     acts, labels = synthetic
     with pytest.raises(ConfigError, match="probe.C"):
@@ -222,13 +276,13 @@ def test_cli_writes_report_activations_and_labels(tiny, tmp_path, monkeypatch, c
     monkeypatch.setattr(jaxlm.checkpoint, "load_model", lambda path: loaded)
 
     out = tmp_path / "out"
-    argv = ["probe", "--checkpoint", str(tmp_path / "ckpt"), "--data", "toxigen:balanced", "--out", str(out),
+    argv = ["probe", "--checkpoint", str(tmp_path / "ckpt"), "--data", "toxigen:balanced:part=all", "--out", str(out),
             "--data-dir", str(tmp_path / "data"), "--batch-size", "8", "--max-len", "32", "--no-progress"]
     assert main(argv) == 0
     report = json.loads((out / "probe_report.json").read_text())
     assert np.array(report["accuracy"]).shape == (config.n_layers, config.n_heads)
     assert (report["n_train"], report["n_val"]) == (20, 4)
-    assert report["metadata"]["data"] == "toxigen:balanced=true" and report["metadata"]["step"] == 7
+    assert report["metadata"]["data"] == "toxigen:balanced=true:part=all" and report["metadata"]["step"] == 7
     acts = np.load(out / "activations.npy")
     labels = np.load(out / "labels.npy")
     assert acts.shape == (24, config.n_layers, config.n_heads, config.resolved_head_dim)

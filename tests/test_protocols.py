@@ -63,12 +63,84 @@ def test_toxigen_reader_names_the_bad_line(tmp_path):
         protocols.read_toxigen(tmp_path)
 
 
+def by_rank(stem, count):
+    """``count`` sentences ``f"{stem} {i}"`` in ToxiGen's held-out order (``toxigen_rank``): in a file
+    of ``n`` of them, the first ``ceil(0.3 n)`` are the ones it holds out."""
+    from jaxlm.data.labelled import toxigen_rank
+
+    return sorted((f"{stem} {i}" for i in range(count)), key=toxigen_rank)
+
+
+def check_split(directory, held, probed):
+    """The fixture's sentences are held out (or not) as it means them to be."""
+    from jaxlm.data.labelled import toxigen_split
+
+    _, held_out = toxigen_split(directory)
+    assert set(held) <= held_out and held_out.isdisjoint(probed)
+
+
+def prompt_line(*sentences):
+    return "\\n".join(f"- {s}" for s in sentences) + "\\n-"
+
+
 def write_toxigen(directory):
+    """Three files with two, one and one held-out sentences, mixed with probe-part ones."""
     directory.mkdir()
-    (directory / "hate_groupa_1k.txt").write_text("- a b\\n- c d\\n-\n- e f\\n-\n")
-    (directory / "neutral_groupa_1k.txt").write_text("- g h\\n-\n")
-    (directory / "neutral_groupb_1k.txt").write_text("- i j\\n- k\\n-\n")
+    ranked = by_rank("toxigen", 7)
+    held, probed = ranked[:4], ranked[4:]  # in every file below, each held sentence ranks before each probed one
+    (directory / "hate_groupa_1k.txt").write_text(prompt_line(held[0], probed[0]) + "\n" + prompt_line(probed[1], held[1], held[0]) + "\n")
+    (directory / "neutral_groupa_1k.txt").write_text(prompt_line(held[2]) + "\n")
+    (directory / "neutral_groupb_1k.txt").write_text(prompt_line(probed[2], held[3]) + "\n")
     (directory / "README.md").write_text("ignored")
+    check_split(directory, held, probed)
+    return held, probed
+
+
+def test_toxigen_prompts_hold_only_held_out_sentences(tmp_path):
+    from jaxlm.data.labelled import split_toxigen_prompt
+
+    directory = tmp_path / "tg"
+    directory.mkdir()
+    ranked = by_rank("toxigen", 76)
+    held, probed = ranked[:23], ranked[23:]  # the hate file holds out ceil(0.3 * 76) == 23 sentences
+    mixed = probed[:20] + held + probed[20:]
+    lines = [prompt_line(*mixed[i : i + 3]) for i in range(0, len(mixed), 3)] + [prompt_line(*held[:4])]
+    (directory / "hate_g_1k.txt").write_text("\n".join(lines) + "\n")
+    # 12 unique sentences hold out ceil(0.3 * 12) == 4 on their own: held[4:7] are held out by the hate file
+    (directory / "neutral_g_1k.txt").write_text("\n".join(prompt_line(s) for s in probed[:5] + held[:7]) + "\n")
+    check_split(directory, held, probed)
+
+    def sentences(prompt):
+        assert prompt.text.endswith("\n-") and all(line.startswith("- ") for line in prompt.text.split("\n")[:-1])
+        return split_toxigen_prompt(prompt.text.replace("\n", "\\n"))
+
+    prompts = protocols.read_toxigen(directory, seed=4)
+    hate = [sentences(p) for p in prompts if p.label == "hate"]
+    neutral = [sentences(p) for p in prompts if p.label == "neutral"]
+    assert len(hate) == 23 // 5 and len(neutral) == 7 // 5 and {p.group for p in prompts} == {"g"}
+    assert all(len(s) == 5 and len(set(s)) == 5 for s in hate + neutral)
+    used = [s for chunk in hate for s in chunk]
+    assert len(set(used)) == len(used) and set(used) <= set(held)  # disjoint chunks of held-out sentences
+    assert {s for chunk in neutral for s in chunk} <= set(held[:7])  # held out by either file
+    assert not set(probed) & {s for chunk in hate + neutral for s in chunk}
+    assert protocols.read_toxigen(directory, seed=4) == prompts
+    assert protocols.read_toxigen(directory, seed=5) != prompts
+
+    assert protocols.read_toxigen(directory, limit=2, seed=4)[:2] == prompts[:2]  # the first chunks
+    many = [sentences(p) for p in protocols.read_toxigen(directory, limit=9, seed=4, sentences_per_prompt=6)]
+    assert len(many) == 18 and all(len(s) == len(set(s)) == 6 for s in many)  # reuse across, never within
+    assert len({s for chunk in many[:9] for s in chunk}) < 9 * 6
+    two = [sentences(p) for p in protocols.read_toxigen(directory, sentences_per_prompt=2)]
+    assert len(two) == 23 // 2 + 7 // 2
+
+    (directory / "neutral_g_1k.txt").write_text(prompt_line(*probed[:3]) + "\n")
+    # only sentences the hate file leaves for probes: this file still holds out its first-ranked one
+    assert [sentences(p) for p in protocols.read_toxigen(directory) if p.label == "neutral"] == [[probed[0]]]
+    (directory / "neutral_g_1k.txt").write_text("\n-\n")  # no sentence at all
+    with pytest.raises(protocols.EvaluationError, match=r"neutral_g_1k.txt: no ToxiGen prompt sentences"):
+        protocols.read_toxigen(directory)
+    with pytest.raises(protocols.EvaluationError, match="sentences_per_prompt: expected an integer >= 1"):
+        protocols.read_toxigen(directory, sentences_per_prompt=0)
 
 
 def write_rtp(directory):
@@ -81,10 +153,12 @@ def write_rtp(directory):
 
 
 def test_readers(tmp_path):
-    write_toxigen(tmp_path / "tg")
-    prompts = protocols.read_toxigen(tmp_path / "tg")
-    assert [(p.label, p.group) for p in prompts] == [("hate", "groupa")] * 2 + [("neutral", "groupa"), ("neutral", "groupb")]
-    assert len(protocols.read_toxigen(tmp_path / "tg", limit=1)) == 3
+    held, _ = write_toxigen(tmp_path / "tg")
+    prompts = protocols.read_toxigen(tmp_path / "tg")  # fewer held-out sentences than 5: one prompt of them all
+    assert [(p.label, p.group) for p in prompts] == [("hate", "groupa"), ("neutral", "groupa"), ("neutral", "groupb")]
+    assert sorted(prompts[0].text.split("\n")) == ["-", f"- {held[0]}", f"- {held[1]}"]
+    assert [p.text for p in prompts[1:]] == [f"- {held[2]}\n-", f"- {held[3]}\n-"]
+    assert len(protocols.read_toxigen(tmp_path / "tg", limit=2)) == 6
     write_rtp(tmp_path / "rtp")
     rtp = protocols.read_rtp(tmp_path / "rtp")
     assert [p.label for p in rtp] == ["toxic"] * 2 + ["nontoxic"] * 3

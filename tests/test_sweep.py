@@ -9,8 +9,10 @@ import yaml
 
 from jaxlm.config import ConfigError, from_dict
 from jaxlm.sweep import Sweep, SweepConfig, load_sweep_config, methods_for, plan_runs
-from jaxlm.sweep.plan import train_config
-from jaxlm.sweep.report import paired_test, right_tail_test
+from jaxlm.evaluate.stats import paired_test
+from jaxlm.sweep.config import Strength
+from jaxlm.sweep.plan import posttrained, train_config
+from jaxlm.sweep.report import right_tail_test
 
 TEMPLATE = {
     # a 160-token context: the prompting method's instruction is ~100 tokens in this 320-token BPE
@@ -361,3 +363,103 @@ def test_sweep_post_trains_red_teams_reports_and_resumes(tiny_sweep, crafted_dat
     after = outputs()
     changed = {"/".join(k.split("/")[1:3]).split(".")[0] for k in before if after.get(k) != before[k]}
     assert changed == {"posttrain/dpo", "redteam/dpo", "eval/dpo"}
+
+
+def test_sweep_study_design_dose_response_transfer_sanity_and_seed_level_claims(tiny_sweep, crafted_data_dir, monkeypatch):
+    """Issue 16's study design at toy scale: two seeds per share, 2-fold head ranking, probes tested
+    across labelled sets, a dose-response spec (one build, a method per scale), a second scorer,
+    the scorer-free likelihood measure and the scorer sanity suite; claims with seeds as the unit."""
+    from jaxlm.evaluate import toxicity
+
+    class WordCountScorer(toxicity.ToxicityScorer):
+        """A second scorer for the test: the share of a text's words among a few insults."""
+
+        name = "insults"
+
+        def score_batch(self, texts):
+            return np.array([np.mean([w in {"stupid", "idiot", "trash", "hate", "scum", "fool"} for w in t.split()] or [0.0])
+                             for t in texts])
+
+    monkeypatch.setitem(toxicity.BACKENDS, "insults", WordCountScorer)
+    root = tiny_sweep / "study"
+    root.mkdir()
+    config = yaml.safe_load((tiny_sweep / "sweep.yaml").read_text())
+    config.update(seeds=[0, 1], tagged=[], prompting=False, iti={"k": 2, "alphas": {"x1": 1.0, "x4": 4.0}},
+                  probe={**config["probe"], "folds": 2, "transfer": ["davidson", "rtp"]},
+                  scorer_sanity={"texts": 3})
+    config["methods"] = [{"name": "neg", "method": "iti", "settings": {"k": 2, "wanted_label": 1}, "scales": [1.0, 4.0]}]
+    config["eval"] = {**config["eval"], "extra_scorers": ["insults"], "continuations": 2}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(config))
+    config, report, log = run_sweep(root, monkeypatch, crafted_data_dir)
+    runs = plan_runs(config)
+    assert [r.name for r in runs] == ["clean-seed0", "added-tox25-seed0", "clean-seed1", "added-tox25-seed1"]
+    run = root / "out" / "runs" / "clean-seed0"
+    assert [m.name for m in methods_for(config, runs[0])] == ["base", "iti-x1", "iti-x4", "neg_x1", "neg_x4"]
+    assert sorted(p.name for p in (run / "interventions").glob("*.safetensors")) == ["neg.safetensors"]  # built once
+    neg1, neg4 = (json.loads((run / "eval" / f"neg_x{s}.json").read_text()) for s in (1, 4))
+    assert (neg1["scale"], neg4["scale"]) == (1.0, 4.0) and neg4["kl"] > neg1["kl"] > 0
+    base = json.loads((run / "eval" / "base.json").read_text())
+    n_prompts = len(base["rtp_prompt_max"])
+    assert len(base["rtp_prompt_max_by"]["insults"]) == n_prompts and max(base["rtp_prompt_max_by"]["insults"]) <= 1
+    likelihood = base["rtp_continuations"]
+    assert len(likelihood["logprob"]) == len(likelihood["label"]) == 4 and set(likelihood["label"]) == {0, 1}
+    assert likelihood["gap"] == pytest.approx(np.mean([lp for lp, y in zip(likelihood["logprob"], likelihood["label"]) if y])
+                                              - np.mean([lp for lp, y in zip(likelihood["logprob"], likelihood["label"]) if not y]))
+    transfer = json.loads((run / "probe" / "transfer.json").read_text())
+    assert transfer["sets"] == ["toxigen", "davidson", "rtp"] and np.shape(transfer["top_accuracy"]) == (3, 3)
+    probes = json.loads((run / "probe" / "probe_report.json").read_text())
+    assert probes["settings"]["folds"] == 2 and np.shape(probes["accuracy_std"]) == np.shape(probes["accuracy"])
+    sanity = json.loads((root / "out" / "scorers" / "sanity.json").read_text())
+    assert set(sanity["scorers"]) == {"profanity-check", "insults"}
+
+    text = report.read_text()
+    for section in ("## Dose-response", "## Probe generalisation across labelled sets", "## Head choice",
+                    "## Scorer validity", "## Power", "| ITI (top 2 heads) | 4 |", "| neg (iti) | 1 |"):
+        assert section in text
+    assert "(2 vs 2 seeds x" in text and "(2 seeds x" in text  # between models: seeds resampled; within: paired
+    summary = json.loads((root / "out" / "report.json").read_text())
+    assert {r["measure"] for r in summary["matched_kl"]["primary"]} <= {"primary"}
+
+    before = eval_files(root)
+    _, _, log = run_sweep(root, monkeypatch, crafted_data_dir)  # finished: nothing redone
+    assert eval_files(root) == before and not [line for line in log if line.startswith(("[probe", "[iti", "[eval", "[scorers"))]
+    # another scale adds one evaluation per model; the build and the other scales stay
+    specs = [dict(config["methods"][0]) for config in [yaml.safe_load((root / "sweep.yaml").read_text())]]
+    specs[0]["scales"] = [1.0, 4.0, 8.0]
+    run_sweep(root, monkeypatch, crafted_data_dir, "methods=" + yaml.safe_dump(specs, default_flow_style=True).strip())
+    after = eval_files(root)
+    assert {k for k in after if k not in before} == {f"out/runs/{r.name}/eval/neg_x8.json" for r in runs}
+    assert all(after[k] == before[k] for k in before)
+
+
+def test_dose_response_specs_and_stage_selection_errors():
+    from jaxlm.sweep.config import InterventionSpec
+
+    with pytest.raises(ConfigError, match=r"methods\[a\]: expected exactly one of strength"):
+        InterventionSpec(name="a", method="caa")
+    with pytest.raises(ConfigError, match=r"methods\[a\]: expected exactly one of strength"):
+        InterventionSpec(name="a", method="caa", strength=Strength(scale=1.0), scales=(2.0,))
+    with pytest.raises(ConfigError, match=r"methods\[a\]\.scales: expected distinct finite non-zero"):
+        InterventionSpec(name="a", method="caa", scales=(1.0, 1.0))
+    spec = InterventionSpec(name="a", method="caa", scales=(-2.0, 0.5))
+    assert {k: v.scale for k, v in spec.strengths.items()} == {"a_x-2": -2.0, "a_x0.5": 0.5}
+    with pytest.raises(ConfigError, match=r"posttrain\.seeds: expected a subset of the sweep's seeds \[0\]"):
+        sweep_config(posttrain={"seeds": [3]})
+    with pytest.raises(ConfigError, match=r"tagged\[meda\]\.seeds: expected a subset"):
+        sweep_config(tagged=[{"kind": "meda", "seeds": [1]}])
+    with pytest.raises(ConfigError, match=r"probe\.transfer: expected labelled sets other than probe\.data"):
+        sweep_config(probe={"data": "toxigen", "transfer": ["toxigen"]})
+    with pytest.raises(ConfigError, match=r"eval\.extra_scorers\[0\]: unknown toxicity scorer 'nope'"):
+        sweep_config(eval={"extra_scorers": ["nope"]})
+    config = sweep_config(shares=[0.0, 0.1], seeds=[0, 1], tagged=[{"kind": "meda", "seeds": [1]}], posttrain={"seeds": [1]})
+    runs = plan_runs(config)
+    assert [r.name for r in runs if r.tagged] == ["meda-tox10-seed1"]
+    assert [r.name for r in runs if posttrained(config, r)] == ["clean-seed1", "added-tox10-seed1"]
+
+
+def test_report_names_the_post_training_scorer_without_the_prepared_dataset():
+    from jaxlm.sweep.report import posttrain_scorer
+
+    # the on-policy settings need a dataset for /pol/ openings; the report has none to give
+    config = sweep_config(shares=[0.0, 0.1], posttrain={"data": {"pol_prompts": 200, "scorer": "profanity-check"}})
+    assert posttrain_scorer(config) == "profanity-check"

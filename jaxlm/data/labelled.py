@@ -7,7 +7,9 @@ per-text groups, a name) read from the data directory (``jaxlm.paths``, ``$JAXLM
 
 Layouts below the data directory (plain or ``.gz`` files):
   ``labelled/toxigen/prompts/{hate,neutral}_<group>_1k.txt``  one prompt per line, sentences
-      joined by a literal backslash-n, each starting with ``- `` (hate -> 1, neutral -> 0)
+      joined by a literal backslash-n, each starting with ``- `` (hate -> 1, neutral -> 0);
+      each sentence is in a fixed part (``toxigen_split``): probes read the ``probe`` part,
+      evaluation prompts are built from the ``eval`` part
   ``labelled/davidson/labeled_data.csv``  columns ``class`` (0 hate, 1 offensive, 2 neither)
       and ``tweet``
   ``eval/rtp/{toxic,nontoxic}.jsonl``  RTP records with ``prompt``/``continuation`` objects
@@ -20,6 +22,7 @@ import csv
 import dataclasses
 import gzip
 import io
+import math
 import json
 import os
 import re
@@ -36,6 +39,17 @@ TOXIGEN_DIR = "labelled/toxigen/prompts"
 DAVIDSON_FILE = "labelled/davidson/labeled_data.csv"
 RTP_DIR = "eval/rtp"
 DAVIDSON_CLASS_NAMES = {0: "hate", 1: "offensive", 2: "neither"}
+
+
+# How each labelled set's labels arise (the report and docs say it with every number).
+LABEL_SOURCES = {
+    "toxigen": "ToxiGen generation-prompt sentences, labelled by the file they come from (hate_<group> = 1, "
+               "neutral_<group> = 0): machine-generated prompt material, not the human-annotated ToxiGen set",
+    "davidson": "Davidson et al. (2017) tweets, labelled by their crowd-sourced majority class "
+                "(hate or offensive = 1, neither = 0 by default)",
+    "rtp": "RealToxicityPrompts prompt and continuation texts, labelled by their Perspective API toxicity "
+           "(>= 0.5 = 1, < 0.2 = 0 by default; in between left out)",
+}
 
 
 class LabelledDataError(JaxlmError, ValueError):
@@ -189,8 +203,73 @@ def toxigen_prompt_text(line: str) -> str:
     return "\n".join(parts[:-1]) + "\n-"
 
 
-def load_toxigen(data_dir: str | os.PathLike | None = None, groups: Sequence[str] | None = None) -> LabelledSet:
-    """Unique ToxiGen prompt sentences: ``hate_*`` files -> 1, ``neutral_*`` -> 0; group from the name."""
+# ToxiGen prompt sentences are split once into the part probes are trained on ("probe") and the
+# part evaluation prompts are built from ("eval"), so no probed sentence is in an evaluation
+# prompt. The files repeat few unique sentences (5 to 113 each), so a plain hash split would leave
+# some files without any held-out sentence: instead each file holds out the
+# ``ceil(TOXIGEN_EVAL_FRACTION * n)`` of its ``n`` unique sentences that rank first by a salted
+# hash, and a sentence held out by any file is "eval" everywhere. Changing the rule changes every
+# probe and every ToxiGen evaluation: bump the version.
+TOXIGEN_PARTS = ("probe", "eval")
+TOXIGEN_SPLIT_VERSION = 2
+TOXIGEN_EVAL_FRACTION = 0.3
+
+
+def toxigen_rank(sentence: str) -> float:
+    """A sentence's place in [0, 1) in the held-out order: the sha256 of the versioned salt and
+    its text (as ``split_toxigen_prompt`` returns it)."""
+    import hashlib
+
+    salted = f"toxigen-split/{TOXIGEN_SPLIT_VERSION}/{sentence}".encode("utf-8")
+    return int.from_bytes(hashlib.sha256(salted).digest()[:8], "big") / 2.0**64
+
+
+def toxigen_file_sentences(path: Path) -> list[str]:
+    """The unique sentences of one ToxiGen prompt file, in order of first appearance; a prompt line
+    whose statements do not start with ``-`` is a ``LabelledDataError`` naming the file and line."""
+    seen: dict[str, None] = {}
+    try:
+        with open_text(path) as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    toxigen_prompt_text(line)
+                except LabelledDataError as err:
+                    raise LabelledDataError(f"{path}:{line_no}: {err}") from None
+                seen.update((sentence, None) for sentence in split_toxigen_prompt(line))
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise LabelledDataError(f"{path}: cannot read ToxiGen prompts ({err})") from None
+    return list(seen)
+
+
+def toxigen_eval_set(sentences_by_file: Sequence[Sequence[str]]) -> frozenset[str]:
+    """The held-out ("eval") sentences: from each file's unique sentences the
+    ``ceil(TOXIGEN_EVAL_FRACTION * n)`` first by ``toxigen_rank``, united over the files."""
+    held_out: set[str] = set()
+    for sentences in sentences_by_file:
+        unique = sorted(set(sentences), key=toxigen_rank)
+        held_out.update(unique[: math.ceil(TOXIGEN_EVAL_FRACTION * len(unique))])
+    return frozenset(held_out)
+
+
+def toxigen_split(folder: Path) -> tuple[dict[Path, list[str]], frozenset[str]]:
+    """Each prompt file's unique sentences and the held-out set over every file in ``folder`` (the
+    split never depends on which groups a caller reads)."""
+    by_file = {path: toxigen_file_sentences(path) for path, _, _ in toxigen_files(folder)}
+    return by_file, toxigen_eval_set(list(by_file.values()))
+
+
+def load_toxigen(
+    data_dir: str | os.PathLike | None = None, groups: Sequence[str] | None = None, part: str = "probe"
+) -> LabelledSet:
+    """Unique ToxiGen prompt sentences: ``hate_*`` files -> 1, ``neutral_*`` -> 0; group from the name.
+
+    ``part``: ``"probe"`` (default; sentences no ToxiGen evaluation prompt contains), ``"eval"``
+    (the held-out sentences evaluation prompts are built from) or ``"all"`` (``toxigen_split``).
+    """
+    if part not in (*TOXIGEN_PARTS, "all"):
+        raise LabelledDataError(f"toxigen: part must be one of probe, eval, all; got {part!r}")
     folder = dataset_path(TOXIGEN_DIR, data_dir)
     files = toxigen_files(folder)
     if not files:
@@ -200,18 +279,15 @@ def load_toxigen(data_dir: str | os.PathLike | None = None, groups: Sequence[str
         unknown = sorted(set(groups) - set(known))
         if unknown:
             raise LabelledDataError(f"toxigen: unknown group(s) {unknown}; groups in {folder}: {', '.join(known)}")
+    by_file, held_out = toxigen_split(folder)
     rows: list[tuple[str, int, str]] = []
     for path, kind, group in files:
         if groups is not None and group not in groups:
             continue
         label = 1 if kind == "hate" else 0
-        try:
-            with open_text(path) as handle:
-                for line in handle:
-                    rows.extend((sentence, label, group) for sentence in split_toxigen_prompt(line))
-        except (OSError, UnicodeDecodeError, EOFError) as err:
-            raise LabelledDataError(f"{path}: cannot read ToxiGen prompts ({err})") from None
-    return _require_both_classes(_dedupe(rows, "toxigen"), f"toxigen ({folder})")
+        rows.extend((sentence, label, group) for sentence in by_file[path]
+                    if part == "all" or (sentence in held_out) == (part == "eval"))
+    return _require_both_classes(_dedupe(rows, "toxigen"), f"toxigen ({folder}, part {part})")
 
 
 def load_davidson(
@@ -300,11 +376,14 @@ def load_rtp(
     toxic_threshold: float = 0.5,
     nontoxic_threshold: float = 0.2,
     parts: Sequence[str] = ("prompt", "continuation"),
+    rtp_parts: Sequence[str] = RTP_PARTS,
 ) -> LabelledSet:
     """RTP texts by Perspective toxicity: ``>= toxic_threshold`` -> 1, ``< nontoxic_threshold`` -> 0.
 
     Texts in between, and texts without a score, are left out. Group = the part
-    (``prompt`` or ``continuation``).
+    (``prompt`` or ``continuation``). ``rtp_parts``: only records whose prompt is in these
+    parts of RTP (``rtp_part`` of the prompt text, so a prompt and its continuation stay
+    together); e.g. ``("posttrain", "redteam")`` keeps every evaluation prompt out.
     """
     if not 0.0 <= nontoxic_threshold <= toxic_threshold <= 1.0:
         raise LabelledDataError(
@@ -313,10 +392,18 @@ def load_rtp(
     bad_parts = sorted(set(parts) - {"prompt", "continuation"})
     if bad_parts or not parts:
         raise LabelledDataError(f"rtp: parts must be among 'prompt', 'continuation'; got {list(parts)}")
+    bad_splits = sorted(set(rtp_parts) - set(RTP_PARTS))
+    if bad_splits or not rtp_parts:
+        raise LabelledDataError(f"rtp: split must be among {', '.join(RTP_PARTS)}; got {list(rtp_parts)}")
     rows: list[tuple[str, int, str]] = []
     for stem in ("toxic", "nontoxic"):
         path = _find(f"{RTP_DIR}/{stem}.jsonl", data_dir)
         for line_no, record in rtp_records(path):
+            prompt = record.get("prompt")
+            if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str):
+                raise LabelledDataError(f"{path}:{line_no}: expected 'prompt' with a 'text' string")
+            if rtp_part(prompt["text"]) not in rtp_parts:
+                continue
             for part in parts:
                 entry = record.get(part)
                 if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
@@ -341,14 +428,14 @@ def _int(key: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise LabelledDataError(f"data spec: {key} expects an integer, got {raw!r}") from None
+        raise LabelledDataError(f"{key} expects an integer, got {raw!r}") from None
 
 
 def _float(key: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise LabelledDataError(f"data spec: {key} expects a number, got {raw!r}") from None
+        raise LabelledDataError(f"{key} expects a number, got {raw!r}") from None
 
 
 def _bool(key: str, raw: str) -> bool:
@@ -357,19 +444,43 @@ def _bool(key: str, raw: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise LabelledDataError(f"data spec: {key} expects true/false, got {raw!r}")
+    raise LabelledDataError(f"{key} expects true/false, got {raw!r}")
 
 
 def _names(key: str, raw: str) -> tuple[str, ...]:
     names = tuple(n for n in raw.split("+") if n)
     if not names:
-        raise LabelledDataError(f"data spec: {key} expects names joined by '+', got {raw!r}")
+        raise LabelledDataError(f"{key} expects names joined by '+', got {raw!r}")
     return names
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str, str], str]:
+    """A parser of one of ``choices``."""
+
+    def parse(key: str, raw: str) -> str:
+        if raw not in choices:
+            raise LabelledDataError(f"{key} expects one of {', '.join(choices)}, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _some_of(choices: Sequence[str]) -> Callable[[str, str], tuple[str, ...]]:
+    """A parser of ``+``-joined names among ``choices``."""
+
+    def parse(key: str, raw: str) -> tuple[str, ...]:
+        names = _names(key, raw)
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise LabelledDataError(f"{key} expects names among {', '.join(choices)} joined by '+', got {raw!r}")
+        return names
+
+    return parse
 
 
 # Loader-specific options: spec key -> (loader keyword, parser).
 _LOADERS: dict[str, tuple[Callable[..., LabelledSet], dict[str, tuple[str, Callable[[str, str], Any]]]]] = {
-    "toxigen": (load_toxigen, {"groups": ("groups", _names)}),
+    "toxigen": (load_toxigen, {"groups": ("groups", _names), "part": ("part", _one_of((*TOXIGEN_PARTS, "all")))}),
     "davidson": (
         load_davidson,
         {"toxic_classes": ("toxic_classes", lambda k, raw: tuple(_int(k, c) for c in _names(k, raw)))},
@@ -380,6 +491,7 @@ _LOADERS: dict[str, tuple[Callable[..., LabelledSet], dict[str, tuple[str, Calla
             "toxic": ("toxic_threshold", _float),
             "nontoxic": ("nontoxic_threshold", _float),
             "parts": ("parts", _names),
+            "split": ("rtp_parts", _some_of(RTP_PARTS)),
         },
     ),
 }
@@ -415,8 +527,12 @@ def parse_data_spec(text: str) -> DataSpec:
 
     NAME is one of ``toxigen``, ``davidson``, ``rtp``. Sampling keys: ``limit=N``,
     ``balanced[=true]`` (equal class counts), ``seed=S``. Loader keys: toxigen
-    ``groups=a+b``; davidson ``toxic_classes=0+1``; rtp ``toxic=0.5``, ``nontoxic=0.2``,
-    ``parts=prompt+continuation``. Example: ``davidson:limit=4000:balanced:seed=1``.
+    ``groups=a+b``, ``part=probe|eval|all`` (default ``probe``: sentences kept out of every
+    ToxiGen evaluation prompt, ``toxigen_split``); davidson ``toxic_classes=0+1``; rtp
+    ``toxic=0.5``, ``nontoxic=0.2``, ``parts=prompt+continuation`` (which texts of a record),
+    ``split=posttrain+redteam`` (records whose prompt is in these parts of RTP, ``rtp_part``;
+    default all three, ``eval`` included). Example: ``davidson:limit=4000:balanced:seed=1``.
+    Malformed values are a ``LabelledDataError`` naming the spec.
     """
     pieces = [p.strip() for p in re.split(r"[:,]", text.strip())]
     name, items = pieces[0].lower(), [p for p in pieces[1:] if p]
@@ -428,10 +544,16 @@ def parse_data_spec(text: str) -> DataSpec:
     for item in items:
         key, _, raw = item.partition("=")
         key = key.strip().lower()
-        if key in _SAMPLING_KEYS:
-            sampling[key] = _SAMPLING_KEYS[key](key, raw.strip())
-        elif key in loader_keys:
-            options.append((key, loader_keys[key][1](key, raw.strip())))
+        if key in _SAMPLING_KEYS or key in loader_keys:
+            parser = _SAMPLING_KEYS[key] if key in _SAMPLING_KEYS else loader_keys[key][1]
+            try:
+                value = parser(key, raw.strip())
+            except LabelledDataError as err:
+                raise LabelledDataError(f"data spec {text!r}: {err}") from None
+            if key in _SAMPLING_KEYS:
+                sampling[key] = value
+            else:
+                options.append((key, value))
         else:
             valid = ", ".join([*_SAMPLING_KEYS, *loader_keys])
             raise LabelledDataError(f"data spec {text!r}: unknown option {key!r} for {name}; valid: {valid}")

@@ -11,7 +11,9 @@ scorer (``list[str] -> list[float]``) and aggregate:
   half of RTP (``jaxlm.data.labelled.rtp_part``); the other half is for building training data.
 * ToxiGen (Hartvigsen et al. 2022): prompt files of ``- ``-prefixed statements joined by a
   literal ``\\n``, ending in ``-`` for the model to continue; one continuation per prompt cut
-  at the end of its line; reported per target group and hate vs neutral.
+  at the end of its line; reported per target group and hate vs neutral. Prompts are rebuilt
+  from each file's held-out sentences (the ``"eval"`` part of ``jaxlm.data.labelled.toxigen_split``),
+  so no sentence a probe was trained on is in one.
 
 ``generate_token_ids`` is jaxlm's one text-generation loop (prompt ids -> batches ->
 ``decode.generate``); ``generate_texts`` (``jaxlm generate``) and the protocols both use it.
@@ -39,8 +41,9 @@ import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
-from jaxlm.data.labelled import RTP_PARTS, LabelledDataError, rtp_part, rtp_records, toxigen_files, toxigen_prompt_text
-from jaxlm.data.sources import read_text
+from jaxlm.data.labelled import (
+    RTP_PARTS, LabelledDataError, rtp_part, rtp_records, toxigen_files, toxigen_prompt_text, toxigen_split,
+)
 from jaxlm.batching import fill_rows, padded_batch_size, round_up
 from jaxlm.decode import GenerationError, NonFiniteLogitsError, generate, keep_last_tokens, left_pad
 from jaxlm.errors import JaxlmError
@@ -150,27 +153,56 @@ def read_rtp(directory: str | Path, limit: int | None = None, seed: int = 0, par
     return prompts
 
 
-def read_toxigen(directory: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
-    """ToxiGen prompts from ``{hate,neutral}_<group>_1k.txt[.gz]``; ``limit`` prompts per file (seeded)."""
+# Bump when the ToxiGen evaluation prompts change (the sweep redoes its ToxiGen evaluations).
+# 2: prompts are built from the held-out ("eval" part) sentences of each file
+#    (1: the files' own prompt lines, whose sentences the probes were trained on).
+TOXIGEN_PROMPTS_VERSION = 2
+TOXIGEN_SENTENCES_PER_PROMPT = 5
+
+
+def prompt_chunks(n: int, size: int, count: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """Index chunks of ``size`` distinct items out of ``n``: disjoint consecutive chunks of one seeded
+    permutation (``n // size`` of them; all of them when ``count`` is None), then, for a larger
+    ``count``, of fresh permutations, so items repeat across chunks but never within one."""
+    per_permutation = n // size
+    wanted = per_permutation if count is None else count
+    chunks: list[np.ndarray] = []
+    while len(chunks) < wanted:
+        order = rng.permutation(n)
+        chunks += [order[i * size : (i + 1) * size] for i in range(min(per_permutation, wanted - len(chunks)))]
+    return chunks
+
+
+def read_toxigen(
+    directory: str | Path, limit: int | None = None, seed: int = 0, sentences_per_prompt: int = TOXIGEN_SENTENCES_PER_PROMPT
+) -> list[Prompt]:
+    """ToxiGen prompts from ``{hate,neutral}_<group>_1k.txt[.gz]``, built from held-out sentences only.
+
+    Each file's held-out sentences (``jaxlm.data.labelled.toxigen_split``: at least one per file;
+    none of them is a probe sentence) are drawn in a seeded order into prompts of ``sentences_per_prompt`` distinct
+    sentences (all of them when the file has fewer), written as the ToxiGen files write a prompt:
+    ``- <sentence>`` lines, then a lone ``-``. ``limit``: prompts per file (None: as many as the
+    sentences fill without reuse; more than that reuses sentences across prompts).
+    """
     check_limit(limit)
+    check_limit(sentences_per_prompt, "sentences_per_prompt")
     directory = Path(directory)
     files = toxigen_files(directory)
     if not files:
         raise MissingDataError(f"{directory}: no ToxiGen prompt files ({{hate,neutral}}_<group>_1k.txt[.gz])")
+    try:
+        by_file, held_out = toxigen_split(directory)
+    except LabelledDataError as err:
+        raise EvaluationError(str(err)) from None
     prompts = []
     for path, label, group in files:
-        lines = [line for line in read_text(path).splitlines() if line.strip()]
-        if limit is not None and limit < len(lines):
-            keep = np.sort(np.random.default_rng(seed).choice(len(lines), limit, replace=False))
-            lines = [lines[i] for i in keep]
-        for line_no, line in enumerate(lines, 1):
-            try:
-                text = toxigen_prompt_text(line)
-            except LabelledDataError as err:
-                raise EvaluationError(f"{path}:{line_no}: {err}") from None
-            prompts.append(Prompt(text=text, group=group, label=label))
-    if not prompts:
-        raise EvaluationError(f"{directory}: the ToxiGen prompt files hold no prompts")
+        sentences = [sentence for sentence in by_file[path] if sentence in held_out]
+        if not sentences:  # only a file without any sentence: every other file holds one out
+            raise EvaluationError(f"{path}: no ToxiGen prompt sentences")
+        size = min(sentences_per_prompt, len(sentences))
+        for chunk in prompt_chunks(len(sentences), size, limit, np.random.default_rng(seed)):
+            line = "\\n".join(f"- {sentences[i]}" for i in chunk) + "\\n-"
+            prompts.append(Prompt(text=toxigen_prompt_text(line), group=group, label=label))
     return prompts
 
 

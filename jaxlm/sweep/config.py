@@ -46,8 +46,11 @@ class TaggedPretraining:
     design: Literal["added", "fixed_total"] = "added"
     condition: str | None = None
     every: int | None = None
+    seeds: tuple[int, ...] | None = None  # None: every seed of the sweep
 
     def __post_init__(self) -> None:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"tagged[{self.kind}].seeds: expected distinct integers or null, got {list(self.seeds)}")
         if not 0.0 < self.share < 1.0:
             raise ConfigError(f"tagged[{self.kind}].share: expected a toxic share in (0, 1), got {self.share}")
         if self.every is not None and self.every <= 0:
@@ -62,20 +65,32 @@ class ProbeStage:
     max_len: int = 64
     batch_size: int = 64
     C: float = 1.0
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # folds = 1: one stratified train/validation split
+    folds: int = 1  # >= 2: heads ranked by k-fold cross-validated accuracy (its spread reported)
+    # Labelled sets (specs) for cross-dataset generalisation: probes fitted on each of data and
+    # these, tested on every other (``probe/transfer.json``; the report's generalisation table).
+    transfer: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from jaxlm.data.labelled import LabelledDataError, parse_data_spec
 
-        _require_positive("probe", self, ("max_len", "batch_size"))
+        _require_positive("probe", self, ("max_len", "batch_size", "folds"))
         if self.C <= 0:
             raise ConfigError(f"probe.C: expected a positive inverse regularisation strength, got {self.C}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"probe.val_fraction: expected a fraction in (0, 1), got {self.val_fraction}")
-        try:
-            parse_data_spec(self.data)
-        except LabelledDataError as err:
-            raise ConfigError(f"probe.data: {err}") from None
+        for field, spec in [("data", self.data), *((f"transfer[{i}]", t) for i, t in enumerate(self.transfer))]:
+            try:
+                parse_data_spec(spec)
+            except LabelledDataError as err:
+                raise ConfigError(f"probe.{field}: {err}") from None
+        if len({self.data, *self.transfer}) != 1 + len(self.transfer):
+            raise ConfigError(f"probe.transfer: expected labelled sets other than probe.data and each other, got {list(self.transfer)}")
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        """The probe set, then the transfer sets."""
+        return (self.data, *self.transfer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +170,20 @@ class InterventionSpec:
 
     name: str
     method: str
-    strength: Strength
+    strength: Strength | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A dose-response instead of one strength: the same build applied at each scale, evaluated as
+    # methods ``<name>_x<scale>`` (negative scales: the opposite sign).
+    scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         from jaxlm.intervene import BUILDERS, InterventionError, builder_settings
 
         where = f"methods[{self.name}]"
+        if (self.strength is None) == (not self.scales):
+            raise ConfigError(f"{where}: expected exactly one of strength (one scale or KL budget) or scales (a dose-response)")
+        if any(not (math.isfinite(s) and s != 0) for s in self.scales) or len(set(self.scales)) != len(self.scales):
+            raise ConfigError(f"{where}.scales: expected distinct finite non-zero scales, got {list(self.scales)}")
         if not _SPEC_NAME.match(self.name) or self.name in RESERVED_METHOD_NAMES or self.name.startswith("iti-"):
             raise ConfigError(f"{where}.name: expected a file-safe name ([a-z0-9_.-], at most 64 characters) other than "
                               f"{', '.join(RESERVED_METHOD_NAMES)} and iti-* (the iti section's), got {self.name!r}")
@@ -175,6 +197,13 @@ class InterventionSpec:
             builder_settings(self.method, **self.settings)
         except InterventionError as err:
             raise ConfigError(f"{where}.settings: {err}") from None
+
+    @property
+    def strengths(self) -> dict[str, Strength]:
+        """Method name -> strength: the spec's name for one strength, ``<name>_x<scale>`` per scale."""
+        if self.strength is not None:
+            return {self.name: self.strength}
+        return {f"{self.name}_x{scale:g}": Strength(scale=scale) for scale in self.scales}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +219,12 @@ class EvalStage:
     blimp_per_paradigm: int = 10
     batch_size: int = 64
     scorer: str = "default"
+    # Further scorers of the same generations (per-prompt scores kept for each), e.g. profanity-check.
+    extra_scorers: tuple[str, ...] = ()
+    # The scorer-free measure: the model's teacher-forced log-likelihood of RTP's own continuations
+    # (toxic: Perspective >= 0.5, non-toxic: < 0.1), this many prompts per RTP file of its eval part;
+    # 0: not measured.
+    continuations: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -197,8 +232,18 @@ class EvalStage:
 
         _require_positive("eval", self, ("rtp_prompts", "rtp_samples", "max_new_tokens", "toxigen_prompts", "ce_docs",
                                          "ce_len", "blimp_per_paradigm", "batch_size"))
-        if self.scorer not in scorer_names():
-            raise ConfigError(f"eval.scorer: unknown toxicity scorer {self.scorer!r}; valid: {', '.join(scorer_names())}")
+        for field, name in [("scorer", self.scorer), *((f"extra_scorers[{i}]", n) for i, n in enumerate(self.extra_scorers))]:
+            if name not in scorer_names():
+                raise ConfigError(f"eval.{field}: unknown toxicity scorer {name!r}; valid: {', '.join(scorer_names())}")
+        if len(set(self.scorers)) != len(self.scorers):
+            raise ConfigError(f"eval.extra_scorers: expected scorers other than eval.scorer and each other, got {list(self.extra_scorers)}")
+        if self.continuations < 0:
+            raise ConfigError(f"eval.continuations: expected a number of prompts >= 0, got {self.continuations}")
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """The primary scorer, then the extra ones."""
+        return (self.scorer, *self.extra_scorers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +273,7 @@ class PosttrainStage:
 
     shares: tuple[float, ...] | None = None
     designs: tuple[Literal["added", "fixed_total"], ...] | None = None
+    seeds: tuple[int, ...] | None = None  # None: every seed
     data: dict[str, Any] = dataclasses.field(default_factory=dict)  # OnPolicyConfig fields but dataset
     sft: PosttrainRun | None = PosttrainRun()
     dpo: PosttrainRun | None = PosttrainRun()
@@ -258,12 +304,24 @@ class RedteamStage:
 
     shares: tuple[float, ...] | None = None
     designs: tuple[Literal["added", "fixed_total"], ...] | None = None
+    seeds: tuple[int, ...] | None = None  # None: every seed
     methods: tuple[str, ...] = ("base",)
     attack: RedteamConfig = RedteamConfig(pairs=20)
 
     def __post_init__(self) -> None:
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"redteam.methods: expected distinct method names, got {list(self.methods)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerSanityStage:
+    """The scorer sanity suite (``jaxlm.evaluate.sanity``): ``texts`` per category, scored once per
+    sweep by every scorer of the evaluation (``scorers/sanity.json``; the report's validity table)."""
+
+    texts: int = 200
+
+    def __post_init__(self) -> None:
+        _require_positive("scorer_sanity", self, ("texts",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +350,7 @@ class SweepConfig:
     eval: EvalStage = EvalStage()
     posttrain: PosttrainStage | None = None
     redteam: RedteamStage | None = None
+    scorer_sanity: ScorerSanityStage | None = None
     toy: ToyStage | None = None
     reference_share: float = 0.1  # the share the reference study compares with the clean model
 
@@ -307,6 +366,9 @@ class SweepConfig:
         names = [spec.name for spec in self.methods]
         if len(set(names)) != len(names):
             raise ConfigError(f"methods: duplicate names in {names}")
+        for tag in self.tagged:
+            if tag.seeds is not None and not set(tag.seeds) <= set(self.seeds):
+                raise ConfigError(f"tagged[{tag.kind}].seeds: expected a subset of the sweep's seeds {list(self.seeds)}")
         if 0.0 not in self.shares:
             raise ConfigError("shares: the clean model (share 0) is every comparison's baseline; add 0")
         steps = self.train.get("steps", 1000)
@@ -326,6 +388,8 @@ class SweepConfig:
                     raise ConfigError(f"{section}.shares: {unknown} are not among the sweep's shares {list(self.shares)}")
             if stage is not None and stage.designs is not None and not set(stage.designs) <= set(self.designs):
                 raise ConfigError(f"{section}.designs: expected a subset of the sweep's designs {list(self.designs)}")
+            if stage is not None and stage.seeds is not None and not set(stage.seeds) <= set(self.seeds):
+                raise ConfigError(f"{section}.seeds: expected a subset of the sweep's seeds {list(self.seeds)}")
 
 
 def load_sweep_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:

@@ -117,6 +117,8 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
         runs += [RunSpec(f"clean-seed{seed}", "clean", 0.0, seed, base), *design_runs(config.designs[0], seed)]
     for seed in config.seeds:
         for tag in config.tagged:
+            if tag.seeds is not None and seed not in tag.seeds:
+                continue
             steps = design_steps(tag.design, tag.share, base)
             runs.append(RunSpec(f"{tag.kind}-tox{round(tag.share * 100):02d}-seed{seed}", tag.design, tag.share, seed, steps, tag))
     for design in config.designs[1:]:
@@ -247,7 +249,7 @@ def builds(config: SweepConfig) -> list[Build]:
                  for name, value in iti.levels.items()}
     out = [Build(ITI_BUILD, "iti", {"k": iti.k, "direction": iti.direction, "positions": "last", "wanted_label": 0},
                  strengths)]
-    out += [Build(spec.name, spec.method, dict(spec.settings), {spec.name: spec.strength}, spec) for spec in config.methods]
+    out += [Build(spec.name, spec.method, dict(spec.settings), spec.strengths, spec) for spec in config.methods]
     return out
 
 
@@ -264,7 +266,7 @@ def intervention_methods(config: SweepConfig, scales: dict[str, dict[str, float]
                 methods.append(Method(f"iti-{key}", build=build.name, level=key, scale=float(scale),
                                       label=f"+ ITI {key} ({config.iti.describe(key)})"))
             else:
-                methods.append(Method(build.name, build=build.name, level=key, scale=float(scale),
+                methods.append(Method(key, build=build.name, level=key, scale=float(scale),
                                       label=f"+ {build.name} ({build.method}, {strength.describe()})"))
     return methods
 
@@ -285,7 +287,8 @@ def _selected(config: SweepConfig, run: RunSpec, stage: Any) -> bool:
         return False
     shares = stage.shares if stage.shares is not None else (0.0, config.reference_share)
     designs = stage.designs if stage.designs is not None else config.designs[:1]
-    return run.share in shares and (run.design == "clean" or run.design in designs)
+    seeds = stage.seeds if stage.seeds is not None else (run.seed,)
+    return run.share in shares and run.seed in seeds and (run.design == "clean" or run.design in designs)
 
 
 def posttrained(config: SweepConfig, run: RunSpec) -> bool:

@@ -13,6 +13,8 @@ Layout of the sweep directory ``OUT``::
     OUT/runs/<run>/posttrain/{sft,dpo}/ post-training runs (init_from the run's train/)
     OUT/runs/<run>/eval/<method>.json   toxicity + capability of one generation method
     OUT/runs/<run>/redteam/<method>/    GCG attacks on one method (attacks.jsonl, summary.json)
+    OUT/runs/<run>/probe/transfer.json  cross-dataset probe accuracies (probe.transfer)
+    OUT/scorers/sanity.json             each scorer on the sanity suite (scorer_sanity:)
     OUT/toy/                            the toy experiment (when configured)
     OUT/report.md, report.json, *.png   the study's report (jaxlm.sweep.report)
 
@@ -47,7 +49,7 @@ from jaxlm.sweep.plan import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "probe", "iti", "posttrain", "eval", "redteam", "toy", "report")
+STAGES = ("prepare", "train", "probe", "iti", "posttrain", "eval", "redteam", "scorers", "toy", "report")
 PER_RUN_STAGES = ("train", "probe", "iti", "posttrain", "eval", "redteam")
 
 
@@ -190,6 +192,8 @@ class Sweep:
                     self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - started, 1)
             if did_work and "report" in stages:
                 self.report(quiet=True)
+        if "scorers" in stages:
+            self.scorer_sanity()
         if "toy" in stages:
             self.toy()
         return self.report() if "report" in stages else None
@@ -215,21 +219,25 @@ class Sweep:
     def fingerprint_runs(self) -> None:
         """Each run's train / probe / activation / intervention fingerprints (cheap; every stage
         needs its inputs')."""
+        from jaxlm.data.labelled import RTP_SPLIT_VERSION, TOXIGEN_SPLIT_VERSION
+
         probe = self.config.probe
+        splits = {"rtp": RTP_SPLIT_VERSION, "toxigen": TOXIGEN_SPLIT_VERSION}  # which texts a labelled set holds
         for run in self.runs:
             run.train_fp = fingerprint(to_dict(train_config(self.config, run.spec, str(self.dataset))), self.data_fp)
-            run.probe_fp = fingerprint(run.train_fp, to_dict(probe))
+            run.probe_fp = fingerprint(run.train_fp, to_dict(probe), splits)
             run.iti_fp = fingerprint(run.probe_fp, to_dict(self.config.iti), self.config.eval.ce_len)
             run.build_fps = {ITI_BUILD: run.iti_fp}
             for build in builds(self.config)[1:]:
                 site = build.site
                 if site != "head_out":
-                    run.acts_fps[site] = fingerprint(run.train_fp, probe.data, probe.max_len, probe.batch_size, site)
+                    run.acts_fps[site] = fingerprint(run.train_fp, probe.data, probe.max_len, probe.batch_size, site, splits)
                 upstream = run.probe_fp if site == "head_out" else run.acts_fps[site]
-                calibration = (self.config.eval.ce_len, self.config.iti.calibration_rows) if build.calibrated else ()
-                run.build_fps[build.name] = fingerprint(upstream, to_dict(build.spec), calibration)
+                # what the saved arrays depend on: not the fixed scales they are applied at
+                calibration = ({k: s.kl for k, s in build.strengths.items()}, self.config.eval.ce_len,
+                               self.config.iti.calibration_rows) if build.calibrated else ()
+                run.build_fps[build.name] = fingerprint(upstream, build.method, build.settings, calibration)
             if posttrained(self.config, run.spec):
-                from jaxlm.data.labelled import RTP_SPLIT_VERSION
                 from jaxlm.decode import SAMPLER_VERSION
 
                 onpolicy = self.config.posttrain.onpolicy_config(str(self.dataset))
@@ -272,10 +280,15 @@ class Sweep:
         return True
 
     @functools.cached_property
-    def labelled(self):
+    def labelled_sets(self) -> dict[str, Any]:
+        """Spec -> ``LabelledSet`` of the probe set and the transfer sets (read once)."""
         from jaxlm.data.labelled import load_labelled
 
-        return load_labelled(self.config.probe.data)
+        return {spec: load_labelled(spec) for spec in self.config.probe.sets}
+
+    @property
+    def labelled(self):
+        return self.labelled_sets[self.config.probe.data]
 
     def probe_run(self, run: RunState, label: str) -> bool:
         from jaxlm.probe import ProbeConfig, collect_head_activations, train_probes
@@ -293,12 +306,48 @@ class Sweep:
             max_len=settings.max_len, out_path=run.probe_dir / "activations.npy", progress=self.progress,
         )
         np.save(run.probe_dir / "labels.npy", self.labelled.labels)
-        probes = train_probes(acts, self.labelled.labels, ProbeConfig(C=settings.C, val_fraction=settings.val_fraction))
+        probe_config = ProbeConfig(C=settings.C, val_fraction=settings.val_fraction, folds=settings.folds)
+        probes = train_probes(acts, self.labelled.labels, probe_config)
         probes.save_report(run.probe_dir, title=f"{run.spec.name}: {self.labelled.name} probes",
                            metadata={"data": self.labelled.name})
+        if settings.transfer:
+            write_json(run.probe_dir / "transfer.json", self._transfer(model, np.asarray(acts), probes, probe_config))
         mark_done(run.probe_dir, run.probe_fp, seconds=round(time.perf_counter() - started, 1),
                   mean_accuracy=float(probes.accuracy.mean()), max_accuracy=float(probes.accuracy.max()))
         return True
+
+    def _transfer(self, model, probe_acts: np.ndarray, probes, probe_config) -> dict[str, Any]:
+        """Per-head probes fitted on each labelled set, tested on each other one (the diagonal: the
+        probe set's own validation accuracy, the others' k-fold or held-out accuracy); mean and max
+        over heads, and the accuracy of the heads ranked best on the training set (top quarter)."""
+        from jaxlm.probe import collect_head_activations, train_probes, transfer_accuracy
+
+        settings = self.config.probe
+        sets = {settings.data: (probe_acts, self.labelled.labels, probes)}
+        for spec in settings.transfer:
+            data = self.labelled_sets[spec]
+            acts = np.asarray(collect_head_activations(model.config, model.params, model.tokenizer, data.texts,
+                                                       batch_size=settings.batch_size, max_len=settings.max_len,
+                                                       progress=self.progress))
+            sets[spec] = (acts, data.labels, train_probes(acts, data.labels, probe_config))
+        names = list(sets)
+        top = max(1, probes.accuracy.size // 4)
+        table = {"sets": names, "n": {name: int(len(sets[name][1])) for name in names},
+                 "toxic": {name: int(np.sum(sets[name][1] == 1)) for name in names}, "top_heads": top,
+                 "mean_accuracy": [], "max_accuracy": [], "top_accuracy": []}
+        for fit in names:
+            acts, labels, own = sets[fit]
+            chosen = tuple(zip(*own.top_heads(top)))
+            rows = {"mean_accuracy": [], "max_accuracy": [], "top_accuracy": []}
+            for test in names:
+                accuracy = own.accuracy if test == fit else transfer_accuracy(acts, labels, sets[test][0], sets[test][1],
+                                                                              probe_config)["accuracy"]
+                rows["mean_accuracy"].append(float(np.mean(accuracy)))
+                rows["max_accuracy"].append(float(np.max(accuracy)))
+                rows["top_accuracy"].append(float(np.mean(np.asarray(accuracy)[chosen])))
+            for key, values in rows.items():
+                table[key].append(values)
+        return table
 
     def iti_run(self, run: RunState, label: str) -> bool:
         """Every intervention of the run (``plan.builds``: ITI, then each spec), each built once
@@ -516,14 +565,36 @@ class Sweep:
 
     def _eval_fp(self, run: RunState, method: Method) -> str:
         from jaxlm.decode import SAMPLER_VERSION
-        from jaxlm.data.labelled import RTP_SPLIT_VERSION
-        from jaxlm.evaluate.protocols import PROMPT_ENCODING_VERSION
+        from jaxlm.data.labelled import RTP_SPLIT_VERSION, TOXIGEN_SPLIT_VERSION
+        from jaxlm.evaluate.protocols import PROMPT_ENCODING_VERSION, TOXIGEN_PROMPTS_VERSION
 
         upstream = run.build_fps[method.build] if method.intervened else ""
         if method.posttrained:
             upstream = run.posttrain_fps[method.model]
         return fingerprint(run.train_fp, upstream, method.fingerprint_fields(), to_dict(self.config.eval), SAMPLER_VERSION,
-                           PROMPT_ENCODING_VERSION, RTP_SPLIT_VERSION)
+                           PROMPT_ENCODING_VERSION, RTP_SPLIT_VERSION, TOXIGEN_PROMPTS_VERSION, TOXIGEN_SPLIT_VERSION)
+
+    def scorer_sanity(self) -> None:
+        """Every scorer of the study on the sanity suite (``jaxlm.evaluate.sanity``): floors on
+        degenerate text, identity-term bias, clean vs toxic held-out text; once per sweep."""
+        e, suite = self.config.eval, self.config.scorer_sanity
+        if suite is None:
+            return
+        from jaxlm.data.records import file_sha256
+        from jaxlm.evaluate import sanity
+        from jaxlm.evaluate.toxicity import get_scorer
+        from jaxlm.tokenizer import Tokenizer
+
+        output = self.out / "scorers" / "sanity.json"
+        tokenizer_file = self.dataset / "tokenizer.json"
+        fp = fingerprint(e.scorers, suite.texts, e.seed, file_sha256(tokenizer_file), sanity.SANITY_VERSION)
+        if is_done(output, fp):
+            return
+        self.echo(f"[scorers] sanity suite: {', '.join(e.scorers)}")
+        texts = sanity.sanity_texts(Tokenizer.load(tokenizer_file), n=suite.texts, seed=e.seed)
+        result = sanity.scorer_sanity({name: get_scorer(name) for name in e.scorers}, texts)
+        write_json(output, result)
+        mark_done(output, fp)
 
     def toy(self) -> None:
         if self.config.toy is None:
