@@ -71,7 +71,8 @@ def wait_for_step(run_dir, step, process, timeout=120):
     path = run_dir / "metrics.jsonl"
     while time.time() < deadline:
         if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            # only whole lines: the trainer may be halfway through writing the last one
+            rows = [line for line in path.read_text().split("\n")[:-1] if line.strip()]
             if rows and json.loads(rows[-1])["step"] >= step:
                 return json.loads(rows[-1])["step"]
         if process.poll() is not None:

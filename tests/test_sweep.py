@@ -463,3 +463,13 @@ def test_report_names_the_post_training_scorer_without_the_prepared_dataset():
     # the on-policy settings need a dataset for /pol/ openings; the report has none to give
     config = sweep_config(shares=[0.0, 0.1], posttrain={"data": {"pol_prompts": 200, "scorer": "profanity-check"}})
     assert posttrain_scorer(config) == "profanity-check"
+
+
+def test_sweep_cli_help_names_every_stage(capsys):
+    from jaxlm.cli import main
+    from jaxlm.sweep import STAGES
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert ",".join(STAGES) in text

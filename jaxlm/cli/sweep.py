@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0] eval.rtp_prompts=20")
     parser.add_argument("--out", help="sweep directory (default runs/sweep-<name>)")
     parser.add_argument("--report-dir", help="where report.md and the plots go (default: the sweep directory)")
-    parser.add_argument("--stages", help="comma-separated subset of prepare,train,probe,iti,eval,toy,report")
+    parser.add_argument("--stages", help="comma-separated subset of prepare,train,probe,iti,posttrain,eval,redteam,"
+                                          "scorers,toy,report (jaxlm.sweep.stages.STAGES)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

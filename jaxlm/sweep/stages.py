@@ -1,5 +1,5 @@
 """Running a sweep: prepare -> pretrain -> probe -> interventions ("iti") -> post-train -> evaluate ->
-red-team -> (toy) -> report, resumable.
+red-team -> scorer sanity -> (toy) -> report, resumable.
 
 Layout of the sweep directory ``OUT``::
 
