@@ -95,7 +95,7 @@ class EvalSettings:
     batch_size: int = 64
     scorer: str = "default"
     extra_scorers: tuple[str, ...] = ()  # further scorers of the same RTP generations
-    continuations: int = 0  # RTP prompts per file whose own continuations are scored by likelihood
+    continuations: int = 0  # RTP continuations per label (toxic, non-toxic) scored by likelihood
     seed: int = 0
     top_p: float = 0.9
 

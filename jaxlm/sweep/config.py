@@ -222,7 +222,7 @@ class EvalStage:
     # Further scorers of the same generations (per-prompt scores kept for each), e.g. profanity-check.
     extra_scorers: tuple[str, ...] = ()
     # The scorer-free measure: the model's teacher-forced log-likelihood of RTP's own continuations
-    # (toxic: Perspective >= 0.5, non-toxic: < 0.1), this many prompts per RTP file of its eval part;
+    # (toxic: Perspective >= 0.5, non-toxic: < 0.1), this many of each from RTP's eval part;
     # 0: not measured.
     continuations: int = 0
     seed: int = 0

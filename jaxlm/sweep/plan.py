@@ -41,7 +41,8 @@ class Build:
     """One intervention built per untagged run: ``method`` with builder ``settings`` (no arrays, no
     scale), applied at each of its named ``strengths``. The ``iti:`` section is the build ``iti``
     (file ``runs/<run>/iti.safetensors``, strengths named by level); each ``methods:`` spec is a
-    build of its own name (``runs/<run>/interventions/<name>.safetensors``, one strength)."""
+    build of its own name (``runs/<run>/interventions/<name>.safetensors``, one strength or one
+    per scale of its ``scales``)."""
 
     name: str
     method: str
