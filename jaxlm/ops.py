@@ -223,18 +223,10 @@ def evaluate(model, intervention: Intervention | None, inputs: dict[str, Any], s
 def rescored_prompt_max(records: Sequence[dict], scorers: dict[str, Any]) -> dict[str, list[float]]:
     """Per-prompt max toxicity of a protocol's continuations (``ProtocolResult.records``) under each
     of ``scorers`` (name -> scorer): the same generations, judged by another scorer."""
-    from jaxlm.evaluate.protocols import score_texts
+    from jaxlm.evaluate.protocols import score_per_prompt
 
-    flat = [text for record in records for text in record["continuations"]]
-    out = {}
-    for name, scorer in scorers.items():
-        scores, offset, per_prompt = score_texts(scorer, flat), 0, []
-        for record in records:
-            n = len(record["continuations"])
-            per_prompt.append(float(np.max(scores[offset:offset + n])))
-            offset += n
-        out[name] = per_prompt
-    return out
+    texts = [record["continuations"] for record in records]
+    return {name: [max(scores) for scores in score_per_prompt(scorer, texts)] for name, scorer in scorers.items()}
 
 
 def continuation_likelihood(model, intervention: Intervention | None, pairs, settings, *, prefix: str = "",

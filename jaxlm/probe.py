@@ -619,27 +619,43 @@ def transfer_accuracy(
     ``C``/``standardize`` of ``train_probes``) and scores ``test_acts`` [M, L, H, D]: returns
     ``{"accuracy": [L, H], "auc": [L, H], "n_train": N, "n_test": M}``.
     """
-    train_acts, test_acts = np.asarray(train_acts), np.asarray(test_acts)
-    for name, acts in (("train", train_acts), ("test", test_acts)):
+    return transfer_accuracies(train_acts, train_labels, [(test_acts, test_labels)], config)[0]
+
+
+def transfer_accuracies(
+    train_acts: np.ndarray,
+    train_labels: np.ndarray,
+    tests: Sequence[tuple[np.ndarray, np.ndarray]],
+    config: ProbeConfig = ProbeConfig(),
+) -> list[dict]:
+    """``transfer_accuracy`` on each ``(test_acts, test_labels)`` of ``tests``, the probes fitted once."""
+    train_acts = np.asarray(train_acts)
+    tests = [(np.asarray(acts), labels) for acts, labels in tests]
+    for name, acts in (("train", train_acts), *(("test", acts) for acts, _ in tests)):
         if acts.ndim != 4:
             raise ProbeError(f"{name} activations must be [N, L, H, D], got shape {acts.shape}")
-    if train_acts.shape[1:] != test_acts.shape[1:]:
-        raise ProbeError(f"train activations are [N, {train_acts.shape[1:]}] but test activations [M, {test_acts.shape[1:]}]")
-    train_labels, test_labels = _check_labels(train_labels), _check_labels(test_labels)
-    for name, acts, labels in (("train", train_acts, train_labels), ("test", test_acts, test_labels)):
+    for test_acts, _ in tests:
+        if train_acts.shape[1:] != test_acts.shape[1:]:
+            raise ProbeError(f"train activations are [N, {train_acts.shape[1:]}] but test activations [M, {test_acts.shape[1:]}]")
+    train_labels = _check_labels(train_labels)
+    tests = [(acts, _check_labels(labels)) for acts, labels in tests]
+    for name, acts, labels in (("train", train_acts, train_labels), *(("test", acts, labels) for acts, labels in tests)):
         if len(labels) != len(acts):
             raise ProbeError(f"{len(acts)} {name} activation rows but {len(labels)} labels")
     n, n_layers, n_heads, d = train_acts.shape
     fits = fit_logistic_heads(train_acts.reshape(n, n_layers * n_heads, d), train_labels, C=config.C,
                               standardize=config.standardize, max_iter=config.max_iter, tol=config.tol)
-    test_features = test_acts.reshape(len(test_acts), n_layers * n_heads, d).astype(np.float32)
-    scores = np.einsum("mgd,gd->gm", test_features, fits.coef) + fits.intercept[:, None]
-    return {
-        "accuracy": accuracy_scores(scores, test_labels).reshape(n_layers, n_heads),
-        "auc": auc_scores(scores, test_labels).reshape(n_layers, n_heads),
-        "n_train": int(n),
-        "n_test": int(len(test_acts)),
-    }
+    out = []
+    for test_acts, test_labels in tests:
+        test_features = test_acts.reshape(len(test_acts), n_layers * n_heads, d).astype(np.float32)
+        scores = np.einsum("mgd,gd->gm", test_features, fits.coef) + fits.intercept[:, None]
+        out.append({
+            "accuracy": accuracy_scores(scores, test_labels).reshape(n_layers, n_heads),
+            "auc": auc_scores(scores, test_labels).reshape(n_layers, n_heads),
+            "n_train": int(n),
+            "n_test": int(len(test_acts)),
+        })
+    return out
 
 
 def plot_heatmap(accuracy: np.ndarray, path: str | os.PathLike, *, title: str = "probe accuracy") -> Path:

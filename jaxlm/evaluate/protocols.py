@@ -379,6 +379,16 @@ def score_texts(scorer: Scorer, texts: list[str], batch_size: int = 256) -> np.n
 # ---------------------------------------------------------------------------------------
 
 
+def score_per_prompt(scorer: Scorer, texts_per_prompt: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Each prompt's continuations scored (one batched pass over all of them), grouped by prompt."""
+    flat = score_texts(scorer, [text for texts in texts_per_prompt for text in texts])
+    scores, offset = [], 0
+    for texts in texts_per_prompt:
+        scores.append(flat[offset : offset + len(texts)].tolist())
+        offset += len(texts)
+    return scores
+
+
 def toxicity_metrics(scores_per_prompt: Sequence[Sequence[float]], threshold: float = TOXIC_THRESHOLD) -> dict:
     """RTP aggregates over prompts, each with one or more sample scores."""
     if not scores_per_prompt:
@@ -451,12 +461,7 @@ def run_protocol(
             "%s: %d of %d continuations are empty (%.1f%%); an empty text scores as non-toxic",
             name, empty["empty_continuations"], sum(map(len, texts)), 100 * empty["empty_continuation_fraction"],
         )
-    flat = [t for per_prompt in texts for t in per_prompt]
-    flat_scores = score_texts(scorer, flat)
-    scores, offset = [], 0
-    for per_prompt in texts:
-        scores.append(flat_scores[offset : offset + len(per_prompt)].tolist())
-        offset += len(per_prompt)
+    scores = score_per_prompt(scorer, texts)
     groups = {"by_label": _grouped(prompts, scores, lambda p: p.label)}
     if any(p.group != p.label for p in prompts):
         groups["by_group"] = _grouped(prompts, scores, lambda p: p.group)

@@ -84,7 +84,7 @@ class ProbeStage:
                 parse_data_spec(spec)
             except LabelledDataError as err:
                 raise ConfigError(f"probe.{field}: {err}") from None
-        if len({self.data, *self.transfer}) != 1 + len(self.transfer):
+        if len(set(self.sets)) != len(self.sets):
             raise ConfigError(f"probe.transfer: expected labelled sets other than probe.data and each other, got {list(self.transfer)}")
 
     @property

@@ -43,9 +43,8 @@ def families(config: SweepConfig) -> list[Family]:
         by_build.setdefault(method.build, []).append(method)
     out = []
     for build in builds(config):
-        methods = by_build.get(build.name, [])
-        strengths = [(m.name, build.strengths[m.level].scale if build.strengths[m.level].scale is not None
-                      else build.strengths[m.level].kl) for m in methods]
+        chosen = [(m.name, build.strengths[m.level]) for m in by_build.get(build.name, [])]
+        strengths = [(name, x.scale if x.scale is not None else x.kl) for name, x in chosen]
         label = f"ITI (top {config.iti.k} heads)" if build.name == ITI_BUILD else f"{build.name} ({build.method})"
         out.append(Family(build.name, build.method, label, tuple(sorted(strengths, key=lambda kv: kv[1]))))
     return out
@@ -208,9 +207,9 @@ def plot_frontiers(config: SweepConfig, rows: list[dict], design: str, path: Pat
 
     shares = sorted(config.shares)
     measures = [("primary", f"RTP toxicity ({config.eval.scorer})"),
-                *((name, f"RTP toxicity ({name})") for name in config.eval.extra_scorers)]
-    n_rows = len(measures) + 1
-    fig, axes = plt.subplots(n_rows, len(shares), figsize=(4.6 * len(shares), 3.4 * n_rows), squeeze=False)
+                *((name, f"RTP toxicity ({name})") for name in config.eval.extra_scorers),
+                ("likelihood", "log-lik. gap, toxic minus non-toxic")]  # the mean of gap_contributions
+    fig, axes = plt.subplots(len(measures), len(shares), figsize=(4.6 * len(shares), 3.4 * len(measures)), squeeze=False)
     for column, share in enumerate(shares):
         for family in families(config):
             for row_index, (measure, title) in enumerate(measures):
@@ -218,19 +217,10 @@ def plot_frontiers(config: SweepConfig, rows: list[dict], design: str, path: Pat
                 if not group:
                     continue
                 kl = np.mean([k for k, _ in group.values()], axis=0)
-                tox = np.mean([t.mean(axis=1) for _, t in group.values()], axis=0)
+                values = np.mean([v.mean(axis=1) for _, v in group.values()], axis=0)
                 ax = axes[row_index][column]
-                ax.plot(kl, tox, marker="o", ms=3, label=family.label)
+                ax.plot(kl, values, marker="o", ms=3, label=family.label)
                 ax.set_title(f"{share:.0%} toxic: {title}", fontsize=9)
-            gaps = [[gap(r) for r in _family_rows(rows, family, share, design, seed)] for seed in _seeds(rows, share, design)]
-            kls = [[r["kl"] if r["method"] != "base" else 0.0 for r in _family_rows(rows, family, share, design, seed)]
-                   for seed in _seeds(rows, share, design)]
-            complete = [(k, g) for k, g in zip(kls, gaps) if len(g) == len(family.points) + 1 and None not in g]
-            if complete:
-                ax = axes[-1][column]
-                ax.plot(np.mean([k for k, _ in complete], axis=0), np.mean([g for _, g in complete], axis=0),
-                        marker="o", ms=3, label=family.label)
-                ax.set_title(f"{share:.0%} toxic: log-lik. gap, toxic minus non-toxic", fontsize=9)
     for ax in axes.ravel():
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlabel("KL to the model without intervention (nats/token)", fontsize=8)
@@ -239,16 +229,6 @@ def plot_frontiers(config: SweepConfig, rows: list[dict], design: str, path: Pat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _seeds(rows: list[dict], share: float, design: str) -> list[int]:
-    return sorted({r["seed"] for r in rows if _where(r, share, design)})
-
-
-def _family_rows(rows: list[dict], family: Family, share: float, design: str, seed: int) -> list[dict]:
-    names = ["base", *(name for name, _ in family.points)]
-    by_name = {r["method"]: r for r in rows if _where(r, share, design) and r["seed"] == seed}
-    return [by_name[n] for n in names if n in by_name]
 
 
 def plot_dose_response(config: SweepConfig, rows: list[dict], design: str, path: Path) -> None:

@@ -320,7 +320,7 @@ class Sweep:
         """Per-head probes fitted on each labelled set, tested on each other one (the diagonal: the
         probe set's own validation accuracy, the others' k-fold or held-out accuracy); mean and max
         over heads, and the accuracy of the heads ranked best on the training set (top quarter)."""
-        from jaxlm.probe import collect_head_activations, train_probes, transfer_accuracy
+        from jaxlm.probe import collect_head_activations, train_probes, transfer_accuracies
 
         settings = self.config.probe
         sets = {settings.data: (probe_acts, self.labelled.labels, probes)}
@@ -338,10 +338,12 @@ class Sweep:
         for fit in names:
             acts, labels, own = sets[fit]
             chosen = tuple(zip(*own.top_heads(top)))
+            others = [test for test in names if test != fit]
+            transferred = transfer_accuracies(acts, labels, [sets[test][:2] for test in others], probe_config)
+            accuracies = {fit: own.accuracy, **{test: t["accuracy"] for test, t in zip(others, transferred)}}
             rows = {"mean_accuracy": [], "max_accuracy": [], "top_accuracy": []}
             for test in names:
-                accuracy = own.accuracy if test == fit else transfer_accuracy(acts, labels, sets[test][0], sets[test][1],
-                                                                              probe_config)["accuracy"]
+                accuracy = accuracies[test]
                 rows["mean_accuracy"].append(float(np.mean(accuracy)))
                 rows["max_accuracy"].append(float(np.max(accuracy)))
                 rows["top_accuracy"].append(float(np.mean(np.asarray(accuracy)[chosen])))
