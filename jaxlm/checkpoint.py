@@ -27,7 +27,7 @@ Reliability contract:
   directory and the other steps available.
 
 ``load_model(path)`` accepts a run directory, one of its checkpoint step directories, or an
-HF OLMo checkpoint directory (config.json + safetensors).
+HF checkpoint directory of any family ``jaxlm.hf`` supports (config.json + safetensors).
 """
 
 from __future__ import annotations
@@ -480,27 +480,44 @@ def _load_tokenizer(path: Path):
     return Tokenizer.load(path)
 
 
-def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
-    """Model config, float32 parameters (on the default device) and tokenizer from ``path``.
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of what ``load_model(path)`` would load, read without its weights."""
+    from jaxlm import hf
 
-    The checkpoint read (``step``, the step directory ``path`` names, or else the newest) is
+    path = Path(path)
+    if hf.is_hf_checkpoint(path):
+        try:
+            return hf.config_from_hf(hf.read_hf_config(path))
+        except hf.HFError as err:
+            raise hf.HFError(f"{path / hf.io.CONFIG_FILE}: {err}") from None
+    run_dir, _ = _find_run_dir(path)
+    run_config = read_yaml(run_dir / CONFIG_FILE)
+    if "model" not in run_config:
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: no 'model' section")
+    return from_dict(ModelConfig, run_config["model"], "model")
+
+
+def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
+    """Model config, float32 parameters (on the default device) and tokenizer from ``path``:
+    a jaxlm run directory, one of its ``checkpoints/<step>`` directories, or an HF checkpoint
+    directory of any family ``jaxlm.hf`` supports (recognised by ``config.json``'s
+    ``model_type``), each with the ``tokenizer.json`` next to it (None without one).
+
+    A jaxlm checkpoint read (``step``, the step directory ``path`` names, or else the newest) is
     verified against its checksums and must hold finite parameters of the shapes in the run's
     ``config.yaml``; otherwise a ``CheckpointError`` names its directory and the run's other
     steps. There is no silent fallback to an older step: inference reads what was asked for.
     """
     path = Path(path)
-    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        from jaxlm.hf import load_olmo
+    from jaxlm import hf
 
-        config, params = load_olmo(path)
+    if hf.is_hf_checkpoint(path):
+        config, params = hf.load(path)
         return LoadedModel(config, params, _load_tokenizer(path / TOKENIZER_FILE), None, path)
 
     run_dir, step_from_path = _find_run_dir(path)
     step = step if step is not None else step_from_path
-    run_config = read_yaml(run_dir / CONFIG_FILE)
-    if "model" not in run_config:
-        raise ConfigError(f"{run_dir / CONFIG_FILE}: no 'model' section")
-    config = from_dict(ModelConfig, run_config["model"], "model")
+    config = model_config_of(run_dir)
 
     from jaxlm import model as model_lib
 

@@ -188,9 +188,19 @@ def _field_default(cls: type, name: str) -> Any:
 
 
 def to_dict(config: Any) -> Any:
-    """Plain-data (YAML/JSON-safe) form of a config dataclass."""
+    """Plain-data (YAML/JSON-safe) form of a config dataclass.
+
+    Fields a class lists in ``OMIT_AT_DEFAULT`` are left out while they hold their default
+    (``from_dict`` restores it): options added later keep older configs, their fingerprints
+    and the run directories that recorded them valid.
+    """
     if dataclasses.is_dataclass(config):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        omit = getattr(config, "OMIT_AT_DEFAULT", ())
+        return {
+            f.name: to_dict(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if not (f.name in omit and getattr(config, f.name) == f.default)
+        }
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     if isinstance(config, dict):
@@ -300,11 +310,27 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """An OLMo-style decoder-only transformer.
+    """A decoder-only transformer: OLMo-1 by default, other HF families through named options.
 
-    Blocks are pre-norm: LayerNorm -> causal attention (RoPE, optional GQA) -> residual ->
-    LayerNorm -> SwiGLU MLP -> residual. ``norm="nonparametric"`` is OLMo-1B's LayerNorm
-    without scale or bias.
+    Default blocks are pre-norm: norm -> causal attention (RoPE, optional GQA) -> residual ->
+    norm -> SwiGLU MLP -> residual; ``norm="nonparametric"`` is OLMo-1B's LayerNorm without
+    scale or bias. The architecture options below default to that block; each changes one
+    thing and the rest of the code ignores them (``jaxlm.hf`` maps each HF family onto them):
+
+    - ``norm_position``: ``"pre"`` normalises each sublayer's input; ``"post"`` normalises its
+      output before the residual add (OLMo-2).
+    - ``qk_norm``: RMSNorm of queries and keys before RoPE, over each projection's whole
+      output (``"projection"``, OLMo-2) or over each head (``"head"``, Qwen3).
+    - ``qkv_bias`` (Qwen2, GPT-NeoX, GPT-2), ``out_bias`` (the attention output projection),
+      ``mlp_bias``: biases on those projections.
+    - ``mlp_activation`` and ``gated_mlp``: ``down(act(gate(x)) * up(x))`` when gated, else
+      ``down(act(up(x)))`` (GPT-NeoX ``gelu``, GPT-2 ``gelu_tanh``).
+    - ``parallel_residual``: ``x + attn(norm1(x)) + mlp(norm2(x))`` (GPT-NeoX).
+    - ``rotary_dim``: rotate only the first ``rotary_dim`` dims of each head (GPT-NeoX's
+      partial rotary); None rotates all of them.
+    - ``rope_scaling``: ``"linear"`` divides every frequency by ``rope_scaling_factor``;
+      ``"llama3"`` is Llama 3.1's frequency-dependent scaling (``rope_low_freq_factor``,
+      ``rope_high_freq_factor``, ``rope_original_max_len``).
     """
 
     vocab_size: int = 50304
@@ -326,6 +352,27 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype; parameters are always float32
     remat: Literal["none", "block", "minimal"] = "none"  # rematerialisation per block
     scan_layers: bool = True  # one compiled block scanned over layers (fast compile)
+    # Architecture options (see the class docstring).
+    norm_position: Literal["pre", "post"] = "pre"
+    qk_norm: Literal["none", "projection", "head"] = "none"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    mlp_activation: Literal["silu", "gelu", "gelu_tanh"] = "silu"
+    gated_mlp: bool = True
+    parallel_residual: bool = False
+    rotary_dim: int | None = None
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+
+    OMIT_AT_DEFAULT: typing.ClassVar[tuple[str, ...]] = (
+        "norm_position", "qk_norm", "qkv_bias", "out_bias", "mlp_bias", "mlp_activation", "gated_mlp",
+        "parallel_residual", "rotary_dim", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+        "rope_high_freq_factor", "rope_original_max_len",
+    )
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
@@ -340,10 +387,28 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_kv_heads: expected a positive divisor of n_heads ({self.n_heads}), got {self.n_kv_heads}"
             )
-        if self.position_embedding == "rope" and self.resolved_head_dim % 2:
-            raise ConfigError(f"model.head_dim: RoPE needs an even head dimension, got {self.resolved_head_dim}")
+        if self.position_embedding == "rope" and self.resolved_rotary_dim % 2:
+            what = "rotary_dim" if self.rotary_dim is not None else "head_dim"
+            raise ConfigError(f"model.{what}: RoPE needs an even number of rotated dims, got {self.resolved_rotary_dim}")
+        if self.rotary_dim is not None and not 0 < self.rotary_dim <= self.resolved_head_dim:
+            raise ConfigError(f"model.rotary_dim: expected 1..head_dim ({self.resolved_head_dim}), got {self.rotary_dim}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta: expected a positive number, got {self.rope_theta}")
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"model.rope_scaling_factor: expected a positive number, got {self.rope_scaling_factor}")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(
+                "model.rope_low_freq_factor / rope_high_freq_factor: expected 0 < low < high, got "
+                f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}"
+            )
+        if self.rope_original_max_len <= 0:
+            raise ConfigError(f"model.rope_original_max_len: expected a positive integer, got {self.rope_original_max_len}")
+        if self.norm_position == "post" and self.parallel_residual:
+            raise ConfigError("model.norm_position = 'post' with parallel_residual: no family computes it; choose one")
+
+    @property
+    def resolved_rotary_dim(self) -> int:
+        return self.rotary_dim if self.rotary_dim is not None else self.resolved_head_dim
 
     @property
     def resolved_head_dim(self) -> int:
@@ -356,7 +421,9 @@ class ModelConfig:
     def num_params(self, include_embeddings: bool = True) -> int:
         d, h, kv, hd, f = self.d_model, self.n_heads, self.resolved_kv_heads, self.resolved_head_dim, self.mlp_hidden
         attn = d * hd * (h + 2 * kv) + h * hd * d
-        mlp = 3 * d * f
+        attn += hd * (h + 2 * kv) * self.qkv_bias + d * self.out_bias
+        attn += {"none": 0, "projection": hd * (h + kv), "head": 2 * hd}[self.qk_norm]
+        mlp = (3 if self.gated_mlp else 2) * d * f + ((2 * f if self.gated_mlp else f) + d) * self.mlp_bias
         norms = 0 if self.norm == "nonparametric" else (2 if self.norm == "layernorm" else 1) * d * (2 * self.n_layers + 1)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.position_embedding == "learned":
@@ -383,6 +450,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # ~150M parameters for a single GPU.
     "gpu-150m": ModelConfig(
         vocab_size=50304, d_model=768, n_layers=12, n_heads=12, mlp_hidden=3072, max_seq_len=1024, dtype="bfloat16"
+    ),
+    # A ~100M-parameter Llama-shaped model (RMSNorm, GQA, untied head; the HF llama family's
+    # block): the bring-your-own-model benchmark (tools/bench_model.py --family llama).
+    "llama-100m": ModelConfig(
+        vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, mlp_hidden=2048, max_seq_len=1024,
+        rope_theta=500000.0, norm="rmsnorm", norm_eps=1e-6, tie_embeddings=False,
     ),
     # The official OLMo-1B architecture (allenai/OLMo-1B-hf config.json).
     "olmo-1b": ModelConfig(

@@ -774,8 +774,8 @@ def untie_embeddings(config: ModelConfig, params: Params) -> tuple[ModelConfig, 
 def orthogonalise_params(config: ModelConfig, params: Params, u: Any) -> Params:
     """Weight orthogonalisation (Arditi et al. 2024): every parameter that writes the residual stream
     with its component along the unit vector ``u`` [d_model] removed (``project_out``): the embedding
-    rows (and a learned position table), each attention output projection, each MLP down projection
-    and every baked bias (``attention.out_bias``, ``layers.{site}_bias``).
+    rows (and a learned position table), each attention output projection, each MLP down projection,
+    their biases and every baked bias (``attention.out_bias``, ``mlp.down_bias``, ``layers.{site}_bias``).
 
     Equals projecting ``u`` out (scale 1, c = 0) at every residual site of every layer. A tied
     embedding is refused (its transpose is also the unembedding): ``untie_embeddings`` first.
@@ -786,6 +786,12 @@ def orthogonalise_params(config: ModelConfig, params: Params, u: Any) -> Params:
     check_finite("u", u)
     if not abs(float(jnp.linalg.norm(u)) - 1.0) <= 1e-3:
         raise InterventionError(f"u: expected a unit vector, got norm {float(jnp.linalg.norm(u)):.4g}")
+    if config.norm_position != "pre":
+        raise InterventionError(
+            f"model.norm_position = {config.norm_position!r}: each sublayer's output is normalised before it "
+            "is written to the stream, so no change of the writing weights removes u from the write; "
+            "apply the ablation at runtime instead"
+        )
     if config.tie_embeddings:
         raise InterventionError(
             "model.tie_embeddings = true: orthogonalising the embedding would also change the unembedding "
@@ -801,6 +807,8 @@ def orthogonalise_params(config: ModelConfig, params: Params, u: Any) -> Params:
     if "out_bias" in attention:
         attention["out_bias"] = project_out(attention["out_bias"], u)
     mlp["down"] = project_out(mlp["down"], u)
+    if "down_bias" in mlp:
+        mlp["down_bias"] = project_out(mlp["down_bias"], u)
     layers.update(attention=attention, mlp=mlp)
     for name in BAKED_RESIDUAL_BIASES:
         if name in layers:

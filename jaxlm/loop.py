@@ -156,10 +156,41 @@ class TrainConfig:
         return self.data if self.objective == "lm" else self.examples
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    from jaxlm.config import load
+MODEL_FROM_START = "init_from"  # `model: init_from`: the architecture of the model init_from names
 
-    return load(TrainConfig, path, overrides)
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A ``TrainConfig`` from YAML plus overrides. With ``init_from`` and no ``model`` section (or
+    ``model: init_from``, or one that sets only compute fields such as ``dtype``), the model
+    section is the starting model's architecture (an HF checkpoint's included)."""
+    from jaxlm.config import apply_overrides, from_dict
+
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    try:
+        return from_dict(TrainConfig, model_from_start(data))
+    except ConfigError as err:
+        if path is not None:
+            raise ConfigError(f"{path}: {err}") from None
+        raise
+
+
+def model_from_start(data: dict) -> dict:
+    """``data`` with its model section taken from ``init_from``'s model where it asks for that."""
+    model = data.get("model", MODEL_FROM_START)
+    init_from = data.get("init_from")
+    if init_from is None:
+        if "model" in data and model == MODEL_FROM_START:
+            raise ConfigError(f"model: {MODEL_FROM_START!r} takes the architecture of init_from, which is not set")
+        return data
+    compute_only = isinstance(model, dict) and set(model) <= set(warmstart.COMPUTE_FIELDS)
+    if model != MODEL_FROM_START and not compute_only:
+        return data
+    path = Path(os.path.expandvars(os.path.expanduser(str(init_from))))
+    try:
+        start = ckpt.model_config_of(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"init_from: {err}") from None
+    return {**data, "model": {**to_dict(start), **(model if compute_only else {})}}
 
 
 class NonFiniteLossError(JaxlmError, RuntimeError):
@@ -504,6 +535,15 @@ def _train_locked(
     if recorded is not None:
         check_config(config, recorded, f"{run_dir} was created with a different config", allow_config_change)
     mesh = make_mesh(config.mesh)
+    data = config.data_config
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if data is not None and (data.batch_size // config.grad_accum) % batch_shards:
+        section = "data" if config.objective == "lm" else "examples"
+        raise ConfigError(
+            f"{section}.batch_size: {data.batch_size} rows per step (/ grad_accum {config.grad_accum}) do not split "
+            f"over the mesh's {batch_shards} batch shards (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+            "use a multiple, or set mesh.data / mesh.fsdp"
+        )
     trainer = Trainer(
         config.model, config.optimizer, config.steps, mesh, grad_accum=config.grad_accum, z_loss=config.z_loss,
         objective=config.objective, dpo=config.dpo,

@@ -1,4 +1,5 @@
-"""OLMo-style decoder-only transformer in Flax Linen, used functionally.
+"""Decoder-only transformer in Flax Linen (OLMo-style by default; other HF families through
+``ModelConfig``'s architecture options), used functionally.
 
 ``forward(config, params, tokens, ...)`` is the pure entry point. Everything that varies
 per call is an explicit argument or output: the KV cache (``KVCache``), the activation edits
@@ -10,6 +11,9 @@ Sites (TransformerLens names in brackets):
   ``resid_pre``  the residual stream entering a block, [B, T, d_model].
   ``resid_mid``  the residual stream after attention's residual add, before the MLP.
   ``resid_post`` the residual stream leaving a block (after the MLP's residual add).
+They mean the same in every architecture ``ModelConfig`` can express, with one difference:
+with ``parallel_residual`` (GPT-NeoX) the MLP reads the block input, so ``resid_mid`` (block
+input + attention output) feeds only the MLP's residual add, not the MLP itself.
 Captures come back stacked over layers: ``captures[name]`` is ``[L, B, T, ...]``; they hold
 the values after any edit at that site (what the rest of the model sees).
 
@@ -158,15 +162,45 @@ class Norm(nn.Module):
         return h.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, half-split convention (as HF ``rotate_half``); x is [B, T, H, D]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """[rotary_dim / 2] float32 inverse frequencies ``theta^(-2i/rotary_dim)``, scaled as
+    ``config.rope_scaling`` says (HF ``modeling_rope_utils``: default, linear, llama3)."""
+    dim = config.resolved_rotary_dim
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    factor = np.float32(config.rope_scaling_factor)
+    if config.rope_scaling == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if config.rope_scaling == "llama3":
+        low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+        old_len = np.float32(config.rope_original_max_len)
+        wavelen = np.float32(2 * np.pi) / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope(x: Array, positions: Array, inv_freq: np.ndarray | Array) -> Array:
+    """Rotary embedding, half-split convention (as HF ``rotate_half``), of the first
+    ``2 * len(inv_freq)`` dims of each head (all of them unless the rotary is partial);
+    x is [B, T, H, D]."""
+    rotary = 2 * inv_freq.shape[0]
+    half = rotary // 2
+    angles = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, 1, R/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:rotary].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return out if rotary == x.shape[-1] else jnp.concatenate([out, x[..., rotary:]], axis=-1)
+
+
+def rms_scale(x: Array, scale: Array, eps: float, axes: tuple[int, ...]) -> Array:
+    """RMSNorm of ``x`` over ``axes`` (float32 inside) times ``scale``, back in ``x``'s dtype."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=axes, keepdims=True) + eps)
+    return (h * scale).astype(x.dtype)
 
 
 def attention_mask(q_slots: Array, q_segments: Array, kv_segments: Array) -> Array:
@@ -213,9 +247,23 @@ class Attention(nn.Module):
         wo = _param(self, "out", (h, d, cfg.d_model), ("heads", "kv", "embed"), init)
 
         q, k, v = dense(x, wq), dense(x, wk), dense(x, wv)
+        if cfg.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (h, d), ("heads", "kv"), zeros).astype(dtype)
+            k = k + _param(self, "k_bias", (kv, d), ("kv_heads", "kv"), zeros).astype(dtype)
+            v = v + _param(self, "v_bias", (kv, d), ("kv_heads", "kv"), zeros).astype(dtype)
+        if cfg.qk_norm == "projection":  # over all heads of the projection (OLMo-2)
+            ones = nn.initializers.ones
+            q = rms_scale(q, _param(self, "q_norm", (h, d), ("heads", "kv"), ones), cfg.norm_eps, (-2, -1))
+            k = rms_scale(k, _param(self, "k_norm", (kv, d), ("kv_heads", "kv"), ones), cfg.norm_eps, (-2, -1))
+        elif cfg.qk_norm == "head":  # each head on its own, one scale shared by the heads (Qwen3)
+            ones = nn.initializers.ones
+            q = rms_scale(q, _param(self, "q_norm", (d,), ("kv",), ones), cfg.norm_eps, (-1,))
+            k = rms_scale(k, _param(self, "k_norm", (d,), ("kv",), ones), cfg.norm_eps, (-1,))
         if cfg.position_embedding == "rope":
-            q = rope(q, positions, cfg.rope_theta)
-            k = rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q = rope(q, positions, inv_freq)
+            k = rope(k, positions, inv_freq)
 
         new_cache = None
         if layer_cache is not None:
@@ -233,26 +281,45 @@ class Attention(nn.Module):
         head_out = edit_head_out(head_out)  # the `head_out` intervention site
 
         out = dense(head_out, wo, in_dims=2)
-        if self.has_variable("params", "out_bias"):  # only in params baked by jaxlm.intervene
+        if cfg.out_bias:  # the family's own bias (jaxlm.intervene bakes into the same parameter)
+            out = out + _param(self, "out_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros).astype(dtype)
+        elif self.has_variable("params", "out_bias"):  # only in params baked by jaxlm.intervene
             out = out + self.get_variable("params", "out_bias").astype(dtype)
         return out, head_out, new_cache
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
 class Mlp(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (gated, SwiGLU by default) or ``down(act(up(x)))``."""
+
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        init = _normal(cfg.init_std)
-        w_gate = _param(self, "gate", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
-        w_up = _param(self, "up", (cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), init)
-        w_down = _param(self, "down", (cfg.mlp_hidden, cfg.d_model), ("mlp", "embed"), init)
-        gate, up = dense(x, w_gate), dense(x, w_up)
-        hidden = nn.with_logical_constraint(
-            jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
-        )
-        return dense(hidden, w_down)
+        dtype = x.dtype
+        init, zeros = _normal(cfg.init_std), nn.initializers.zeros
+
+        def project(name: str, w_shape, axes, bias_shape, bias_axes, h):
+            out = dense(h, _param(self, name, w_shape, axes, init))
+            if cfg.mlp_bias:
+                out = out + _param(self, f"{name}_bias", bias_shape, bias_axes, zeros).astype(dtype)
+            return out
+
+        hidden_in = ((cfg.d_model, cfg.mlp_hidden), ("embed", "mlp"), (cfg.mlp_hidden,), ("mlp",))
+        activation = _ACTIVATIONS[cfg.mlp_activation]
+        if cfg.gated_mlp:
+            hidden = activation(project("gate", *hidden_in, x)) * project("up", *hidden_in, x)
+        else:
+            hidden = activation(project("up", *hidden_in, x))
+        hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return project("down", (cfg.mlp_hidden, cfg.d_model), ("mlp", "embed"), (cfg.d_model,), ("embed",), hidden)
 
 
 _RESID_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -278,7 +345,8 @@ def apply_edit(x: Array, op: str, arrays: dict[str, Array], gate: Array, positio
 
 
 class Block(nn.Module):
-    """One pre-norm block; called by ``nn.scan`` with per-layer inputs ``xs``.
+    """One block (pre- or post-norm, sequential or parallel residual; see ``ModelConfig``);
+    called by ``nn.scan`` with per-layer inputs ``xs``.
 
     ``edits`` is the static (site, op) of each edit; their per-layer arrays and gates come in
     ``xs``, their position masks and the scale in ``shared``.
@@ -316,18 +384,31 @@ class Block(nn.Module):
         x = edit("resid_pre", bias("resid_pre", x))
         if "resid_pre" in self.capture:
             captured["resid_pre"] = x
+        pre = cfg.norm_position == "pre"
+
+        def pre_norm(name: str, h: Array) -> Array:
+            return Norm(cfg.norm, cfg.norm_eps, name=name)(h) if pre else h
+
+        def post_norm(name: str, h: Array) -> Array:
+            return h if pre else Norm(cfg.norm, cfg.norm_eps, name=f"post_{name}")(h)
+
         with jax.named_scope("attention"):
             attn, head_out, new_cache = Attention(cfg, name="attention")(
-                Norm(cfg.norm, cfg.norm_eps, name="attention_norm")(x),
+                pre_norm("attention_norm", x),
                 positions, q_slots, q_segments, kv_segments, layer_cache, lambda h: edit("head_out", h),
             )
-            x = nn.with_logical_constraint(edit("resid_mid", bias("resid_mid", x + attn)), _RESID_AXES)
+            mlp_in = pre_norm("mlp_norm", x) if cfg.parallel_residual else None  # reads the block input
+            x = nn.with_logical_constraint(
+                edit("resid_mid", bias("resid_mid", x + post_norm("attention_norm", attn))), _RESID_AXES
+            )
         if "head_out" in self.capture:
             captured["head_out"] = head_out
         if "resid_mid" in self.capture:
             captured["resid_mid"] = x
         with jax.named_scope("mlp"):
-            x = x + Mlp(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x))
+            if mlp_in is None:
+                mlp_in = pre_norm("mlp_norm", x)
+            x = x + post_norm("mlp_norm", Mlp(cfg, name="mlp")(mlp_in))
             x = nn.with_logical_constraint(edit("resid_post", bias("resid_post", x)), _RESID_AXES)
         if "resid_post" in self.capture:
             captured["resid_post"] = x

@@ -323,3 +323,16 @@ def test_steps_zero_and_negative_stop_at_are_one_line_errors(config_file, tmp_pa
     assert "--steps: expected a positive number of steps, got 0" in capsys.readouterr().err
     assert train_cli(config_file, tmp_path / "run", "--stop-at", "-3") == 2
     assert "--stop-at: expected a positive step to stop at, got -3" in capsys.readouterr().err
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_one_line(config_file, tmp_path, capsys):
+    import jax
+
+    devices = jax.device_count()
+    if devices == 1:
+        pytest.skip("one device: every batch splits")
+    run_dir = tmp_path / "run"
+    assert train_cli(config_file, run_dir, f"data.batch_size={devices + 2}" if devices > 2 else "data.batch_size=3") == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size" in err and "batch shards" in err and "Traceback" not in err
+    assert not (run_dir / "checkpoints").exists()

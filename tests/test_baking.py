@@ -228,20 +228,20 @@ def test_edits_that_do_not_bake_are_refused(params, residual_acts, case):
         bake_into_params(config, untied, iv)
 
 
-def test_save_olmo_exports_orthogonalised_weights_and_refuses_biases(params, tokens, residual_acts, tmp_path):
+def test_hf_save_exports_orthogonalised_weights_and_refuses_biases(params, tokens, residual_acts, tmp_path):
     config, untied = untie_embeddings(CFG, params)
     iv = build_intervention("ablate", *residual_acts)
     orthogonal = bake_into_params(config, untied, iv)
-    hf.save_olmo(config, orthogonal, tmp_path / "ablated")
-    loaded_config, loaded = hf.load_olmo(tmp_path / "ablated")
+    hf.save(config, orthogonal, tmp_path / "ablated")
+    loaded_config, loaded = hf.load(tmp_path / "ablated")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), loaded, orthogonal)
     runtime = model.forward(config, untied, tokens, intervention=iv.for_prefill(jnp.ones(tokens.shape, bool))).logits
     np.testing.assert_allclose(model.forward(loaded_config, loaded, tokens).logits, runtime, atol=1e-5, rtol=1e-5)
 
     with_bias = bake_into_params(config, untied, build_intervention("caa", *residual_acts, site="resid_mid",
                                                                     positions="all"))
-    with pytest.raises(ValueError, match="layers.resid_mid_bias cannot be represented.*has no biases"):
-        hf.save_olmo(config, with_bias, tmp_path / "biased")
+    with pytest.raises(ValueError, match="layers.resid_mid_bias cannot be represented.*has no such biases"):
+        hf.save(config, with_bias, tmp_path / "biased")
 
 
 def test_orthogonalised_weights_match_the_ablation_in_transformers(params, tokens, residual_acts, tmp_path):
@@ -250,7 +250,7 @@ def test_orthogonalised_weights_match_the_ablation_in_transformers(params, token
     torch = pytest.importorskip("torch")
     config, untied = untie_embeddings(CFG, params)
     iv = build_intervention("ablate", *residual_acts)
-    hf.save_olmo(config, bake_into_params(config, untied, iv), tmp_path)
+    hf.save(config, bake_into_params(config, untied, iv), tmp_path)
     reference = transformers.OlmoForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         logits = reference(torch.tensor(np.array(tokens), dtype=torch.long)).logits.numpy()

@@ -88,7 +88,7 @@ def test_one_hot_gradient_matches_torch_autograd(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = model_preset("tiny", init_std=0.15)
     params = model.init_params(config, 3)
-    hf.save_olmo(config, params, tmp_path)
+    hf.save(config, params, tmp_path)
     reference = transformers.OlmoForCausalLM.from_pretrained(tmp_path).eval()
 
     rng = np.random.default_rng(0)

@@ -57,7 +57,7 @@ def random_tokens(seed: int = 0, shape=(2, 24)) -> np.ndarray:
 def test_load_matches_transformers(tmp_path, case):
     m = hf_model(case)
     m.save_pretrained(tmp_path)
-    config, params = hf.load_olmo(tmp_path)
+    config, params = hf.load(tmp_path)
     assert config.tie_embeddings == CASES[case]["tie_word_embeddings"]
     assert config.resolved_kv_heads == CASES[case].get("num_key_value_heads", 4)
     assert config.norm == "nonparametric" and config.rope_theta == 500.0
@@ -79,7 +79,7 @@ def test_load_matches_transformers(tmp_path, case):
 def test_save_reloads_in_transformers(tmp_path, case):
     config = hf.config_from_hf({"model_type": "olmo", **SMALL, **CASES[case]}, init_std=0.15)
     params = model.init_params(config, 1)
-    hf.save_olmo(config, params, tmp_path)
+    hf.save(config, params, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["architectures"] == ["OlmoForCausalLM"]
     assert written["pad_token_id"] is None and written["eos_token_id"] is None
@@ -92,7 +92,7 @@ def test_save_reloads_in_transformers(tmp_path, case):
     assert np.abs(ours - hf_logits(m.eval(), tokens)).max() <= TOLERANCE
 
     # And back: jaxlm reads its own output exactly.
-    config_again, params_again = hf.load_olmo(tmp_path, init_std=0.15)
+    config_again, params_again = hf.load(tmp_path, init_std=0.15)
     assert config_again == config
     jax.tree.map(np.testing.assert_array_equal, params_again, params)
 
@@ -104,8 +104,8 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 3
 
-    _, fp32 = hf.load_olmo(tmp_path / "fp32")
-    config, params = hf.load_olmo(tmp_path / "sharded")
+    _, fp32 = hf.load(tmp_path / "fp32")
+    config, params = hf.load(tmp_path / "sharded")
     assert config.n_kv_heads == 2 and not config.tie_embeddings
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), fp32)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(rounded)):
@@ -116,9 +116,9 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
 def test_save_bfloat16_roundtrip(tmp_path):
     config = model_preset("tiny")
     params = model.init_params(config, 0)
-    hf.save_olmo(config, params, tmp_path, dtype="bfloat16", token_ids={"eos_token_id": 3})
+    hf.save(config, params, tmp_path, dtype="bfloat16", token_ids={"eos_token_id": 3})
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 3
-    loaded_config, loaded = hf.load_olmo(tmp_path, init_std=config.init_std)
+    loaded_config, loaded = hf.load(tmp_path, init_std=config.init_std)
     assert loaded_config == config
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(got, np.asarray(want).astype(ml_dtypes.bfloat16).astype(np.float32))
@@ -131,12 +131,13 @@ def _hf_dict(**changes):
 @pytest.mark.parametrize(
     "changes, field",
     [
-        (dict(model_type="llama"), "model_type"),
+        (dict(model_type="mamba"), "model_type"),
         (dict(architectures=["LlamaForCausalLM"]), "architectures"),
-        (dict(attention_bias=True), "attention_bias"),
+        (dict(attention_bias="yes"), "attention_bias"),
         (dict(clip_qkv=8.0), "clip_qkv"),
-        (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type"),
+        (dict(rope_scaling={"type": "linear"}), "factor"),
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 2.0}), "rope_type"),
         (dict(num_attention_heads=5), "num_attention_heads"),
         (dict(num_key_value_heads=3), "n_kv_heads"),
@@ -210,24 +211,24 @@ def test_save_refuses_params_hf_cannot_hold(tmp_path):
 
     baked = with_layer_param("attention", "out_bias", np.zeros((2, 32)))  # as jaxlm.intervene bakes
     with pytest.raises(ValueError, match="layers.attention.out_bias"):
-        hf.save_olmo(config, baked, tmp_path)
+        hf.save(config, baked, tmp_path)
     with pytest.raises(ValueError, match="layers.mlp.up has shape"):
-        hf.save_olmo(config, with_layer_param("mlp", "up", np.zeros((2, 32, 65))), tmp_path)
+        hf.save(config, with_layer_param("mlp", "up", np.zeros((2, 32, 65))), tmp_path)
     with pytest.raises(ValueError, match="rmsnorm"):
-        hf.save_olmo(model_preset("tiny", norm="rmsnorm"), params, tmp_path)
+        hf.save(model_preset("tiny", norm="rmsnorm"), params, tmp_path)
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     config = model_preset("tiny")
-    hf.save_olmo(config, model.init_params(config, 0), tmp_path)
+    hf.save(config, model.init_params(config, 0), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     weights["model.layers.0.self_attn.q_norm.weight"] = np.ones(32, np.float32)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing tensor.*model.layers.1.mlp.up_proj.weight") as err:
-        hf.load_olmo(tmp_path)
+        hf.load(tmp_path)
     assert "unexpected tensor(s): model.layers.0.self_attn.q_norm.weight" in str(err.value)
 
 
@@ -235,14 +236,14 @@ def test_misshapen_tensor_and_missing_files_are_named(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     config = model_preset("tiny")
-    hf.save_olmo(config, model.init_params(config, 0), tmp_path)
+    hf.save(config, model.init_params(config, 0), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 32), np.float32)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(16, 32\), expected \(32, 32\)"):
-        hf.load_olmo(tmp_path)
+        hf.load(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors.index.json"):
-        hf.load_olmo(tmp_path)
+        hf.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        hf.load_olmo(tmp_path / "nowhere")
+        hf.load(tmp_path / "nowhere")

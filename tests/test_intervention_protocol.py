@@ -235,9 +235,9 @@ def test_one_prefill_and_one_decode_program_across_a_scale_sweep(params):
 def hf_olmo(params, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxlm.hf import save_olmo
+    from jaxlm.hf import save as save_hf
 
-    save_olmo(CFG, params, tmp_path)
+    save_hf(CFG, params, tmp_path)
     return torch, transformers.OlmoForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
 
 

@@ -148,8 +148,8 @@ def test_captured_head_out_equals_manual_computation(params):
     h = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + CFG.norm_eps)
     attn = jax.tree.map(lambda w: w[layer], params["layers"]["attention"])
     positions = jnp.arange(6)[None]
-    q = model.rope(jnp.einsum("btd,dhk->bthk", h, attn["q"]), positions, CFG.rope_theta)
-    k = model.rope(jnp.einsum("btd,dhk->bthk", h, attn["k"]), positions, CFG.rope_theta)
+    q = model.rope(jnp.einsum("btd,dhk->bthk", h, attn["q"]), positions, model.rope_frequencies(CFG))
+    k = model.rope(jnp.einsum("btd,dhk->bthk", h, attn["k"]), positions, model.rope_frequencies(CFG))
     v = jnp.einsum("btd,dhk->bthk", h, attn["v"])
     scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(CFG.resolved_head_dim)
     scores = jnp.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)

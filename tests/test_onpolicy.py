@@ -304,7 +304,7 @@ def test_cli_builds_what_the_library_builds_and_refuses_bad_input_in_one_line(
     from jaxlm import hf
 
     checkpoint = tmp_path / "hf"
-    hf.save_olmo(tiny_model.config, tiny_model.params, checkpoint)
+    hf.save(tiny_model.config, tiny_model.params, checkpoint)
     tiny_model.tokenizer.save(checkpoint / "tokenizer.json")
     config = small_config(crafted_data_dir, pol_dataset, rtp_prompts=1, pol_prompts=1)
     (tmp_path / "onpolicy.yaml").write_text(f"dataset: {pol_dataset}\nopening_tokens: {OPENING}\nmin_post_tokens: {MIN_POST}\n")

@@ -89,7 +89,7 @@ def test_init_from_an_hf_directory_starts_from_the_same_weights(tiny_run_dir, tm
     from jaxlm import hf
 
     loaded = ckpt.load_model(tiny_run_dir)
-    exported = hf.save_olmo(loaded.config, loaded.params, tmp_path / "hf")
+    exported = hf.save(loaded.config, loaded.params, tmp_path / "hf")
     shutil.copyfile(tiny_run_dir / "tokenizer.json", exported / "tokenizer.json")
     config = post_config(exported, "sft", sft_file(tmp_path), steps=1)
     train(config, tmp_path / "run", show_progress=False)

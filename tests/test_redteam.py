@@ -52,7 +52,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     tokenizer = train_bpe(synthetic_documents(CLEAN_WORDS, 200, 0) + synthetic_documents(TOXIC_WORDS, 200, 1), 320)
     config = model_preset("tiny", vocab_size=320, init_std=0.3)
-    hf.save_olmo(config, model.init_params(config, 0), root)
+    hf.save(config, model.init_params(config, 0), root)
     tokenizer.save(root)
     return root
 

@@ -9,7 +9,7 @@ extra pins transformers 5: either install it without its dependencies next to th
 ``--prefix-cache``) or run the benchmark in an environment with ``pip install nanogcg==0.3.0``.
 
 One model (random parameters of ``--preset`` with the tokenizer's vocabulary) is exported once
-with ``jaxlm.hf.save_olmo`` next to its ``tokenizer.json``; jaxlm loads it with
+with ``jaxlm.hf.save`` next to its ``tokenizer.json``; jaxlm loads it with
 ``jaxlm.checkpoint.load_model``, nanogcg as transformers' ``OlmoForCausalLM`` (float32) with a
 ``PreTrainedTokenizerFast`` of the same file, and both encode the prompt, target and initial
 suffix to the same ids (checked). The tokenizer is ``--tokenizer`` (a ``tokenizer.json``) or a
@@ -178,7 +178,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        hf.save_olmo(config, model.init_params(config, args.seed), model_dir,
+        hf.save(config, model.init_params(config, args.seed), model_dir,
                      token_ids={"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
         tokenizer.save(model_dir)
         spec = {

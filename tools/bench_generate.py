@@ -2,8 +2,9 @@
 
     python tools/bench_generate.py [--preset cpu-small --batch 8 --prompt-len 32 --new-tokens 64]
 
-One model (random parameters of the preset) is exported with ``jaxlm.hf.save_olmo`` and
-loaded as ``OlmoForCausalLM``, so both sides run the same weights. Both generate greedily
+One model (random parameters of the preset) is exported with ``jaxlm.hf.save`` and
+loaded as the ``--family``'s HF class (``OlmoForCausalLM`` by default; ``--preset llama-100m
+--family llama`` for a ~100M Llama-shaped model), so both sides run the same weights. Both generate greedily
 from the same left-padded prompts, with no stop token, and ITI in mode ``last`` (the
 honest_llama rule: the last prompt position, then each new position):
 
@@ -67,6 +68,8 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--family", default="olmo", choices=("olmo", "olmo2", "llama", "qwen2", "qwen3"),
+                        help="HF family of the transformers side (one with self_attn.o_proj for the ITI hook)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -78,9 +81,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import OlmoForCausalLM
+    import transformers
 
-    from jaxlm.hf import save_olmo
+    from jaxlm import hf
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -112,8 +115,9 @@ def main() -> None:
 
     # -- transformers ----------------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as export_dir:
-        save_olmo(config, params, export_dir)
-        hf_model = OlmoForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32).eval()
+        hf.save(config, params, export_dir, family=args.family)
+        hf_class = getattr(transformers, hf.get_family(args.family).architecture)
+        hf_model = hf_class.from_pretrained(export_dir, dtype=torch.float32).eval()
     shift = np.array(iti.alpha * iti.head_shift()).reshape(config.n_layers, -1)  # [L, H*D], head-major
     hf_inputs = {"input_ids": torch.from_numpy(tokens).long(), "attention_mask": torch.from_numpy(mask).long()}
     hf_kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)

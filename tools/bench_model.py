@@ -1,11 +1,12 @@
-"""Benchmark: forward+backward tokens/s of a jaxlm preset against transformers' OLMo on CPU.
+"""Benchmark: forward+backward tokens/s of a jaxlm preset against transformers on CPU (OLMo, or another HF family).
 
 Both sides compute the same thing: mean next-token cross-entropy of one batch and its
 gradient with respect to every parameter, in float32, with identical weights (jaxlm's
-random init, written with ``jaxlm.hf.save_olmo`` and read by ``OlmoForCausalLM``):
+random init, written with ``jaxlm.hf.save`` as ``--family`` and read by its HF class, e.g.
+``OlmoForCausalLM``; ``--preset llama-100m --family llama`` for a ~100M Llama-shaped model):
 
 - jaxlm: ``jax.jit(jax.value_and_grad(loss))`` around ``jaxlm.model.forward``;
-- transformers: ``OlmoForCausalLM`` (torch, CPU, default attention implementation),
+- transformers: the family's class (torch, CPU, default attention implementation),
   ``loss.backward()`` with gradients cleared between steps.
 
 After warm-up (which includes XLA compilation, reported separately) the two are timed in
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 SECTION = "## Model forward+backward (jaxlm vs transformers OLMo)"
+SECTION_OTHER = "## Model forward+backward (jaxlm vs transformers {architecture})"
 
 
 def jaxlm_step(config, params):
@@ -57,7 +59,6 @@ def jaxlm_step(config, params):
 
 
 def torch_step(model):
-    import torch
     import torch.nn.functional as F
 
     def run(tokens):
@@ -88,15 +89,15 @@ def preset_config(preset: str, seq_len: int):
     return config
 
 
-def load_hf_olmo(config, params, directory: str):
-    """``OlmoForCausalLM`` (float32, training mode) with jaxlm's ``params``, written to ``directory``."""
+def load_hf(config, params, directory: str, family: str = "olmo"):
+    """The HF model of ``family`` (float32, training mode) with jaxlm's ``params``, written to ``directory``."""
     import torch
     import transformers
 
-    from jaxlm.hf import save_olmo
+    from jaxlm import hf
 
-    save_olmo(config, params, directory)
-    model = transformers.OlmoForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf.save(config, params, directory, family=family)
+    model = getattr(transformers, hf.get_family(family).architecture).from_pretrained(directory, dtype=torch.float32)
     model.train()  # dropout is 0; training mode as a training step would use
     return model
 
@@ -140,6 +141,7 @@ def append_markdown(path: str | Path, lines: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu-small", help="jaxlm model preset")
+    parser.add_argument("--family", default="olmo", help="HF family the transformers side runs (jaxlm.hf.FAMILIES)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--seq-len",
@@ -168,7 +170,7 @@ def main() -> None:
     config = preset_config(args.preset, args.seq_len)
     params = init_params(config, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = load_hf_olmo(config, params, tmp)
+        hf_model = load_hf(config, params, tmp, args.family)
 
     # seq_len + 1 tokens per row: seq_len inputs, each with its next token as target.
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len + 1))
@@ -211,29 +213,32 @@ def main() -> None:
 
     if args.append:
         command = (
-            f"python tools/bench_model.py --preset {args.preset} --batch {args.batch} --seq-len {args.seq_len} "
+            f"python tools/bench_model.py --preset {args.preset} --family {args.family} --batch {args.batch} --seq-len {args.seq_len} "
             f"--steps {args.steps} --warmup {args.warmup} --pause {args.pause}"
             + (f" --torch-threads {args.torch_threads}" if args.torch_threads else "")
             + f" --append {args.append}"
         )
         n_params = config.num_params()
+        from jaxlm import hf
+
+        architecture = hf.get_family(args.family).architecture
         lines = [
             "",
-            SECTION,
+            SECTION if args.family == "olmo" else SECTION_OTHER.format(architecture=architecture),
             "",
             "One training step's forward+backward (mean next-token cross-entropy and the gradient of every",
             f"parameter, float32) of the `{args.preset}` preset ({n_params / 1e6:.1f}M parameters), batch {args.batch} x",
             f"{args.seq_len} tokens: `jax.jit(jax.value_and_grad(...))` around `jaxlm.model.forward` against",
-            f"transformers {transformers.__version__} `OlmoForCausalLM` (torch {torch.__version__}, CPU, default attention",
-            "implementation, `loss.backward()`), with identical weights (jaxlm's init written by `jaxlm.hf.save_olmo`).",
+            f"transformers {transformers.__version__} `{architecture}` (torch {torch.__version__}, CPU, default attention",
+            "implementation, `loss.backward()`), with identical weights (jaxlm's init written by `jaxlm.hf.save`).",
             f"Warm-up {args.warmup} steps each, then {args.steps} interleaved repetitions, each timed step after {args.pause} s",
             "idle (XLA's CPU workers spin briefly after a step and, on 2 cores, slowed a torch step started right",
             "after a jax step ~20x); medians. See `tools/bench_model.py`.",
             "",
             f"- command: `{command}`",
-            f"- machine: 2-core CPU VM, no GPU (jax {jax.__version__} on {jax.default_backend()}); both cores shared with",
-            f"  other jobs during the run (1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end;",
-            "  2.0 would mean both cores busy), so step times vary widely; medians and best steps are both given",
+            f"- machine: {os.cpu_count()}-core CPU VM, no GPU (jax {jax.__version__} on {jax.default_backend()}); "
+            f"1-minute load average {load_start:.2f} at the start, {load_end:.2f} at the end"
+            + (" (idle at the start)" if load_start < 0.5 else " (NOT idle at the start: rerun before trusting it)"),
             f"- threads: torch intra-op threads {threads}; XLA CPU uses its own pool over all cores",
             f"- date: {args.date}",
             "",

@@ -1,6 +1,6 @@
 """Benchmark: full training step tokens/s of jaxlm (optax AdamW) against transformers' OLMo + torch AdamW on CPU.
 
-In one run, with identical weights (jaxlm's init written with ``jaxlm.hf.save_olmo``) and
+In one run, with identical weights (jaxlm's init written with ``jaxlm.hf.save``) and
 the same batch, float32 on both sides:
 
 - jaxlm: ``jaxlm.train.Trainer(...).jit_step``: forward, backward, global-norm clipping at 1.0
@@ -336,7 +336,7 @@ def main() -> None:
         f"{args.batch} x {args.seq_len} tokens: `jaxlm.train.Trainer(...).jit_step` (forward, backward, global-norm clip 1.0,",
         "optax AdamW, state donated) against transformers `OlmoForCausalLM` + `torch.optim.AdamW` (same lr, betas",
         "0.9/0.95, eps 1e-8, weight decay 0.1 except the embedding), `clip_grad_norm_(..., 1.0)`, `zero_grad(set_to_none=True)`;",
-        f"identical initial weights (`jaxlm.hf.save_olmo`), the same batch every step, constant lr {args.lr:g}. After each side's",
+        f"identical initial weights (`jaxlm.hf.save`), the same batch every step, constant lr {args.lr:g}. After each side's",
         f"first step and {args.warmup} warm-up steps, {args.steps} interleaved repetitions, each after {args.pause} s idle (XLA's CPU",
         "workers spin briefly after a step: `tools/bench_model.py` saw a torch step started right after a jax step run ~20x",
         "slower on 2 cores). MFU: `ModelConfig.flops_per_token` (forward + backward, 6N + attention:",

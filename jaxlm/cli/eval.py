@@ -1,7 +1,9 @@
-"""``jaxlm eval SUITE --checkpoint DIR``: toxicity protocols and capability cost.
+"""``jaxlm eval SUITE --checkpoint DIR``: toxicity protocols, capability cost, lm-eval tasks.
 
 Each toxicity line of the summary also counts the empty continuations (an empty text scores
 as non-toxic) and the prompts cut to fit the context; ``results.json`` records both.
+``jaxlm eval harness --tasks a,b [--include-path DIR]`` runs lm-evaluation-harness tasks
+(``jaxlm.evaluate.harness``) and writes ``harness.json``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-SUITES = ("rtp", "toxigen", "ce", "blimp", "all")
+SUITES = ("rtp", "toxigen", "ce", "blimp", "all", "harness")
+HARNESS_OPTIONS = (("--tasks", "tasks"), ("--include-path", "include_path"), ("--num-fewshot", "num_fewshot"))
 TOXICITY_KEYS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")
 
 
@@ -23,6 +26,12 @@ def check_options(args: argparse.Namespace) -> None:
                           ("--ce-docs", args.ce_docs)):
         options.at_least(option, value, 1)
     options.at_least("--ce-len", args.ce_len, 2)
+    options.at_least("--num-fewshot", args.num_fewshot, 0)
+    if args.suite == "harness" and not task_names(args):
+        raise options.OptionError("--tasks: required for the harness suite (comma-separated lm-eval task names)")
+    for option, name in HARNESS_OPTIONS:
+        if args.suite != "harness" and getattr(args, name) is not None:
+            raise options.OptionError(f"{option}: only the harness suite takes it (got suite {args.suite!r})")
     options.nucleus("--top-p", args.top_p)
     from jaxlm.cli.steer import intervention_options
 
@@ -32,6 +41,11 @@ def check_options(args: argparse.Namespace) -> None:
 
         if args.scorer not in scorer_names():
             raise options.OptionError(f"--scorer: unknown toxicity scorer {args.scorer!r}; valid names: {', '.join(scorer_names())}")
+
+
+def task_names(args: argparse.Namespace) -> list[str]:
+    """The comma-separated ``--tasks`` as a list (empty names dropped)."""
+    return [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
 
 
 def eval_settings(args: argparse.Namespace):
@@ -45,17 +59,47 @@ def eval_settings(args: argparse.Namespace):
                         top_p=args.top_p)
 
 
-def run_suites(args: argparse.Namespace) -> dict:
-    from jaxlm import ops
+def load_for_eval(args: argparse.Namespace):
+    """(the model, the intervention the options name or None) after the options are checked."""
     from jaxlm.checkpoint import CheckpointError, load_model
-    from jaxlm.cli.steer import intervention_options, load_intervention
-    from jaxlm.evaluate import protocols
+    from jaxlm.cli.steer import load_intervention
 
     check_options(args)
     loaded = load_model(args.checkpoint)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
-    intervention = load_intervention(args, loaded.config)
+    return loaded, load_intervention(args, loaded.config)
+
+
+def run_harness_suite(args: argparse.Namespace) -> dict:
+    """lm-eval tasks on the checkpoint; ``<out>/harness.json`` (written atomically)."""
+    from jaxlm.cli.steer import intervention_options
+    from jaxlm.evaluate.harness import run_harness
+    from jaxlm.files import write_json
+
+    loaded, intervention = load_for_eval(args)
+    result = run_harness(loaded, task_names(args), intervention=intervention, include_path=args.include_path,
+                         limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "step": loaded.step,
+        "intervention": intervention_options(args)[0],
+        "method": None if intervention is None else intervention.method,
+        "scale": None if intervention is None else float(intervention.scale),
+        **result,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "harness.json", result)
+    return result
+
+
+def run_suites(args: argparse.Namespace) -> dict:
+    from jaxlm import ops
+    from jaxlm.cli.steer import intervention_options
+    from jaxlm.evaluate import protocols
+
+    loaded, intervention = load_for_eval(args)
     path, _ = intervention_options(args)
     suites = ops.EVAL_SUITES if args.suite == "all" else (args.suite,)
     settings = eval_settings(args)
@@ -130,6 +174,13 @@ def toxicity_line(name: str, summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "harness":
+        results = run_harness_suite(args)
+        for task, metrics in results["metrics"].items():
+            for metric, value in metrics.items():
+                print(f"{task} {metric}: {value:.4f}")
+        print(f"results: {Path(args.out) / 'harness.json'}")
+        return 0
     results = run_suites(args)
     for name in ("rtp", "toxigen"):
         if name in results:
@@ -144,13 +195,14 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     from jaxlm.cli.steer import add_intervention_arguments
 
-    parser = subparsers.add_parser("eval", help="toxicity (RTP, ToxiGen) and capability (CE, BLiMP) evaluation")
+    parser = subparsers.add_parser("eval", help="toxicity (RTP, ToxiGen), capability (CE, BLiMP) and lm-eval (harness) evaluation")
     parser.add_argument("suite", choices=SUITES)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint step directory or HF OLMo directory")
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint step directory or HF checkpoint directory (jaxlm.hf families)")
     parser.add_argument("--out", default="eval_results", help="results directory (JSON, generations, plots)")
     add_intervention_arguments(parser)
     parser.add_argument("--prefix", default="", help="prompt prefix; 'detox' = the prompting baseline's instruction")
-    parser.add_argument("--limit", type=int, help="prompts per file (RTP, ToxiGen) / pairs per BLiMP paradigm")
+    parser.add_argument("--limit", type=int,
+                        help="prompts per file (RTP, ToxiGen) / pairs per BLiMP paradigm / examples per harness task")
     parser.add_argument("--samples", type=int, default=25, help="RTP samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="RTP continuation length")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -160,4 +212,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ce-docs", type=int, default=100, help="held-out rows for CE/KL")
     parser.add_argument("--ce-len", type=int, default=128, help="tokens per CE/KL row")
     parser.add_argument("--data-dir", help="corpora root (default: $JAXLM_DATA_DIR)")
+    parser.add_argument("--tasks", help="harness: comma-separated lm-eval task, group or tag names (required)")
+    parser.add_argument("--include-path", help="harness: a directory (or YAML file) of task configs of one's own")
+    parser.add_argument("--num-fewshot", type=int, help="harness: few-shot examples per task (default: the task's, else 0)")
     parser.set_defaults(func=run)

@@ -22,7 +22,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="OnPolicyConfig YAML (optional)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dataset=../prepared/gutenberg-pol")
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF checkpoint dir (jaxlm.hf families)")
     parser.add_argument("--out", required=True, help="output directory (samples, sft, dpo JSONL; summary; plot)")
     parser.add_argument("--data-dir", help="corpora root holding eval/rtp (default: $JAXLM_DATA_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     parser = add_documented_parser(
         subparsers, "probe", "fit a linear probe per attention head on labelled texts and rank the heads", __doc__
     )
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF checkpoint dir (jaxlm.hf families)")
     parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--data-dir", help="corpora root (default: $JAXLM_DATA_DIR)")

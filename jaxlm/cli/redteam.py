@@ -76,7 +76,7 @@ def register(subparsers) -> None:
         subparsers, "redteam", "GCG attacks on RTP prompt/target pairs: success rate with or without an intervention",
         __doc__,
     )
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF checkpoint dir (jaxlm.hf families)")
     add_intervention_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory (attacks.jsonl, summary.json)")
     parser.add_argument("--pairs", type=int, help="number of prompt/target pairs (default 100)")

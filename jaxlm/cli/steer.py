@@ -166,7 +166,7 @@ def register(subparsers) -> None:
     parser = add_documented_parser(
         subparsers, "steer", "build an intervention (iti, caa, ablate, leace, random) from labelled texts", __doc__
     )
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF OLMo dir")
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/<step> dir or HF checkpoint dir (jaxlm.hf families)")
     parser.add_argument("--method", required=True, help="a jaxlm.intervene.BUILDERS name: iti, caa, ablate, leace, random")
     parser.add_argument("--data", help=DATA_HELP)
     parser.add_argument("--out", required=True, help="intervention file to write (.safetensors + .json sidecar)")

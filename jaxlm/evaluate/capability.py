@@ -35,20 +35,23 @@ Params = Any
 # ---------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnums=0)
-def _row_scores(config: ModelConfig, params: Params, ref_params: Params | None, tokens, segment_ids, intervention):
-    """Per-token next-token log-prob [B, T-1] and, with a reference, KL(ref || model) [B, T-1]."""
+@partial(jax.jit, static_argnums=0, static_argnames="greedy")
+def _row_scores(config: ModelConfig, params: Params, ref_params: Params | None, tokens, segment_ids, intervention,
+                greedy: bool = False):
+    """Per-token next-token log-prob [B, T-1], with a reference KL(ref || model) [B, T-1] (else
+    zeros), and with ``greedy`` whether each target is the model's argmax token [B, T-1] (else None)."""
     edits = None if intervention is None else intervention.at_positions(segment_ids != 0)
     logits = model_lib.forward(config, params, tokens, segment_ids=segment_ids, intervention=edits).logits[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    is_argmax = jnp.argmax(logits, axis=-1) == tokens[:, 1:] if greedy else None
     if ref_params is None:
-        return target_logp, jnp.zeros_like(target_logp)
+        return target_logp, jnp.zeros_like(target_logp), is_argmax
     ref_logp = jax.nn.log_softmax(
         model_lib.forward(config, ref_params, tokens, segment_ids=segment_ids).logits[:, :-1], axis=-1
     )
     kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-    return target_logp, kl
+    return target_logp, kl, is_argmax
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +71,11 @@ def score_rows(
     intervention: Any = None,
     ref_params: Params | None = None,
     progress: str | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    greedy: bool = False,
+) -> tuple[list[np.ndarray], ...]:
     """For each row: log-probs of tokens 1..n given their prefixes, and KL(ref || model) at 0..n-2
-    (``intervention`` at every real position)."""
+    (``intervention`` at every real position); with ``greedy`` a third list, per row whether
+    each of tokens 1..n is the model's most likely next token (lm-eval's ``is_greedy``)."""
     if intervention is not None:
         intervention.check_compatible(config)
         intervention = intervention.program_form()
@@ -79,6 +84,7 @@ def score_rows(
     order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer pad tokens
     logps: list[np.ndarray] = [np.empty(0)] * len(rows)
     kls: list[np.ndarray] = [np.empty(0)] * len(rows)
+    argmax: list[np.ndarray] = [np.empty(0, bool)] * len(rows)
     batch_size = padded_batch_size(len(rows), batch_size)
     batches = range(0, len(rows), batch_size)
     if progress:
@@ -89,11 +95,15 @@ def score_rows(
         idx = order[start : start + batch_size]
         chunk = fill_rows([rows[i] for i in idx], batch_size)  # fixed batch shape: one compile per bucket
         tokens, segments = _pad_rows(chunk, bucket, pad_id)
-        lp, kl = jax.device_get(_row_scores(config, params, ref_params, tokens, segments, intervention))
+        lp, kl, best = jax.device_get(
+            _row_scores(config, params, ref_params, tokens, segments, intervention, greedy=greedy)
+        )
         for j, i in enumerate(idx):
             n = len(rows[i]) - 1
             logps[i], kls[i] = lp[j, :n], kl[j, :n]
-    return logps, kls
+            if greedy:
+                argmax[i] = best[j, :n]
+    return (logps, kls, argmax) if greedy else (logps, kls)
 
 
 # ---------------------------------------------------------------------------------------
