@@ -486,10 +486,7 @@ def model_config_of(path: str | Path) -> ModelConfig:
 
     path = Path(path)
     if hf.is_hf_checkpoint(path):
-        try:
-            return hf.config_from_hf(hf.read_hf_config(path))
-        except hf.HFError as err:
-            raise hf.HFError(f"{path / hf.io.CONFIG_FILE}: {err}") from None
+        return hf.load_config(path)
     run_dir, _ = _find_run_dir(path)
     run_config = read_yaml(run_dir / CONFIG_FILE)
     if "model" not in run_config:

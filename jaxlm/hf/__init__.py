@@ -31,7 +31,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.hf import family as _family
 from jaxlm.hf import gpt2, gpt_neox, llama, olmo, olmo2, qwen2, qwen3
 from jaxlm.hf.family import Family
-from jaxlm.hf.io import HFError, is_hf_checkpoint, read_hf_config, special_token_ids
+from jaxlm.hf.io import CONFIG_FILE, HFError, is_hf_checkpoint, read_hf_config, special_token_ids
 
 FAMILIES: dict[str, Family] = {
     m.FAMILY.model_type: m.FAMILY for m in (olmo, olmo2, llama, qwen2, qwen3, gpt_neox, gpt2)
@@ -114,14 +114,23 @@ def load(path: str | os.PathLike, **changes: Any) -> tuple[ModelConfig, dict]:
     import jax
 
     path = Path(path)
-    hf_config = read_hf_config(path)
-    fam = family_of(hf_config)
-    try:
-        config = _family.config_from_hf(fam, hf_config, **changes)
-    except HFError as err:
-        raise HFError(f"{path / 'config.json'}: {err}") from None
+    fam, config = _read_config(path, changes)
     params = _family.load_weights(fam, config, path)
     return config, jax.tree.map(jax.numpy.asarray, params)
+
+
+def load_config(path: str | os.PathLike, **changes: Any) -> ModelConfig:
+    """The ``ModelConfig`` of an HF checkpoint directory (its ``config.json``), errors naming the file."""
+    return _read_config(Path(path), changes)[1]
+
+
+def _read_config(path: Path, changes: Mapping[str, Any]) -> tuple[Family, ModelConfig]:
+    hf_config = read_hf_config(path)
+    try:
+        fam = family_of(hf_config)
+        return fam, _family.config_from_hf(fam, hf_config, **changes)
+    except HFError as err:
+        raise HFError(f"{path / CONFIG_FILE}: {err}") from None
 
 
 def save(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathLike, *, family: str = "olmo",
@@ -145,6 +154,7 @@ __all__ = [
     "get_family",
     "is_hf_checkpoint",
     "load",
+    "load_config",
     "read_hf_config",
     "save",
     "special_token_ids",

@@ -91,7 +91,6 @@ class Family:
     lm_head: str = "lm_head.weight"
     prefix: str = "model."
     ignored: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    notes: str = ""
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from jaxlm.hf import io
 from jaxlm.hf.family import Family, Tensor, layer_norm, linear, reshaped
 
 REQUIRED = ("vocab_size", "n_embd", "n_layer", "n_head")
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")  # the HF activation names this family accepts
 _HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 
@@ -37,8 +37,6 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         raise io.refuse("scale_attn_weights", full["scale_attn_weights"], "true (scores scaled by 1/sqrt(head_dim))")
     if full["scale_attn_by_inverse_layer_idx"] is not False:
         raise io.refuse("scale_attn_by_inverse_layer_idx", full["scale_attn_by_inverse_layer_idx"], "false")
-    if full["activation_function"] not in _ACTIVATIONS:
-        raise io.refuse("activation_function", full["activation_function"], f"one of {', '.join(_ACTIVATIONS)}")
     d_model, n_heads = io.int_field(hf, "n_embd"), io.int_field(hf, "n_head")
     if d_model % n_heads:
         raise io.refuse("n_head", n_heads, f"a divisor of n_embd ({d_model})")
@@ -50,7 +48,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         norm="layernorm", norm_eps=float(full["layer_norm_epsilon"]),
         tie_embeddings=io.bool_field(full, "tie_word_embeddings"),
         qkv_bias=True, out_bias=True, mlp_bias=True, gated_mlp=False,
-        mlp_activation=_ACTIVATIONS[full["activation_function"]],
+        mlp_activation=io.activation_field(full, "activation_function", "gelu_new", _ACTIVATIONS),
     )
 
 

@@ -30,7 +30,7 @@ from jaxlm.hf import io
 from jaxlm.hf.family import Family, Tensor, layer_norm, linear, linear_from_heads, reshaped
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")  # the HF activation names this family accepts
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 
 
@@ -39,9 +39,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     d_model, n_heads = io.int_field(hf, "hidden_size"), io.int_field(hf, "num_attention_heads")
     if d_model % n_heads:
         raise io.refuse("num_attention_heads", n_heads, f"a divisor of hidden_size ({d_model})")
-    act = hf.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
-        raise io.refuse("hidden_act", act, f"one of {', '.join(_ACTIVATIONS)}")
+    activation = io.activation_field(hf, "hidden_act", "gelu", _ACTIVATIONS)
     full = {"attention_bias": True, "use_parallel_residual": True, "tie_word_embeddings": False, **hf}
     theta_key = "rotary_emb_base" if "rotary_emb_base" in hf and "rope_parameters" not in hf else "rope_theta"
     rope = io.rope_fields(hf, theta_key=theta_key, partial=True)
@@ -56,7 +54,7 @@ def fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         position_embedding="rope", rotary_dim=None if rotary_dim == head_dim else rotary_dim, **rope,
         norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
         tie_embeddings=io.bool_field(full, "tie_word_embeddings"),
-        qkv_bias=bias, out_bias=bias, mlp_bias=True, gated_mlp=False, mlp_activation=_ACTIVATIONS[act],
+        qkv_bias=bias, out_bias=bias, mlp_bias=True, gated_mlp=False, mlp_activation=activation,
         parallel_residual=io.bool_field(full, "use_parallel_residual"),
     )
 

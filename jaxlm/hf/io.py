@@ -52,6 +52,18 @@ def bool_field(hf: Mapping[str, Any], key: str) -> bool:
     return hf[key]
 
 
+# HF activation names -> ModelConfig.mlp_activation (the two tanh names are the same function).
+ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def activation_field(hf: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...] = tuple(ACTIVATIONS)) -> str:
+    """``ModelConfig.mlp_activation`` of ``hf[key]`` (``default`` when absent), one of the HF names ``allowed``."""
+    name = hf.get(key, default)
+    if name not in allowed:
+        raise refuse(key, name, f"one of {', '.join(allowed)}")
+    return ACTIVATIONS[name]
+
+
 def head_dim_field(hf: Mapping[str, Any], d_model: int, n_heads: int) -> int | None:
     """``head_dim`` as a ``ModelConfig`` field: None when absent or equal to d_model / heads."""
     head_dim = hf.get("head_dim")

@@ -30,16 +30,7 @@ from jaxlm.hf import io
 from jaxlm.hf.family import Tensor, linear, linear_from_heads, reshaped
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-# HF activation names -> ModelConfig.mlp_activation (the two tanh names are the same function).
-ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def activation(hf: Mapping[str, Any], key: str = "hidden_act", default: str = "silu") -> str:
-    name = hf.get(key, default)
-    if name not in ACTIVATIONS:
-        raise io.refuse(key, name, f"one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 def refuse_sliding_window(hf: Mapping[str, Any]) -> None:
@@ -66,7 +57,7 @@ def shape_fields(hf: Mapping[str, Any], default_positions: int, default_tied: bo
         mlp_hidden=io.int_field(hf, "intermediate_size"),
         max_seq_len=io.int_field({"max_position_embeddings": default_positions, **hf}, "max_position_embeddings"),
         tie_embeddings=io.bool_field(tied, "tie_word_embeddings"),
-        mlp_activation=activation(hf),
+        mlp_activation=io.activation_field(hf, "hidden_act", "silu"),
         position_embedding="rope",
         **io.rope_fields(hf),
     )
