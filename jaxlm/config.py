@@ -90,7 +90,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            items = tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            items = tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         else:
             items = tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)) if args else tuple(value)
         return items if origin is tuple else list(items)

@@ -465,7 +465,7 @@ def _build_data(config: TrainConfig, run_dir: Path, start_model, state: dict | N
     are tokenized with the starting model's tokenizer (kept in the run directory)."""
     common = dict(process_index=jax.process_index(), process_count=jax.process_count(), state=state)
     if config.objective == "lm":
-        return build_pipeline(config.data, **common)
+        return build_pipeline(config.data, num_steps=config.steps, **common)
     tokenizer = run_dir / ckpt.TOKENIZER_FILE
     if start_model is not None and (state is None or not tokenizer.exists()):
         tokenizer = warmstart.tokenizer_file(start_model)

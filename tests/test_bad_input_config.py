@@ -6,7 +6,7 @@ import yaml
 
 from jaxlm.cli import build_parser, main, parse
 from jaxlm.config import ConfigError, from_dict, load, read_yaml
-from jaxlm.data.prepare import Recipe
+from jaxlm.data.recipe import Recipe
 from jaxlm.errors import DirectoryLock, LockedError
 from jaxlm.loop import TrainConfig
 from jaxlm.sweep import load_sweep_config

@@ -20,7 +20,8 @@ from jaxlm.cli import main
 from jaxlm.config import from_dict
 from jaxlm.data import DataError, records, sources
 from jaxlm.data.pipeline import PipelineConfig, build_pipeline
-from jaxlm.data.prepare import load_recipe, prepare
+from jaxlm.data.prepare import prepare
+from jaxlm.data.recipe import load_recipe
 from jaxlm.errors import DirectoryLock
 
 RECIPE = {

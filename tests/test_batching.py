@@ -62,4 +62,4 @@ def test_batching_and_scorer_modules_depend_one_way():
     # toxicity -> toxicity_model -> scorer, never back
     assert "jaxlm.evaluate.toxicity" not in _jaxlm_imports("evaluate.toxicity_model")
     assert not _jaxlm_imports("evaluate.scorer") & {"jaxlm.evaluate.toxicity", "jaxlm.evaluate.toxicity_model"}
-    assert "jaxlm.evaluate.scorer" in _jaxlm_imports("data.prepare")  # the one profanity-check loader
+    assert "jaxlm.evaluate.scorer" in _jaxlm_imports("data.encode")  # the one profanity-check loader

@@ -158,3 +158,26 @@ def test_calibrated_alpha_hits_its_kl_budget(params):
     kl = text_loss(config, params, tokenizer, docs, max_len=32, max_rows=8, ref_params=params,
                    intervention=intervention.with_mode("all").with_alpha(alpha), progress=None).kl
     assert kls[3] <= kl <= kls[4]
+
+
+def test_prepared_document_losses_equal_text_loss_document_by_document(tmp_path, params):
+    from jaxlm.data import records
+
+    tok = ByteTokenizer()
+    docs = ["the quick brown fox jumps over the lazy dog " * 4, "pack my box", "with five dozen liquor jugs " * 2]
+    ids = tok.encode_batch(docs)
+    rows = [(np.asarray(i), {"doc_id": f"d{n}", "source": "src", "score": n}) for n, i in enumerate(ids)]
+    made = records.write_source(tmp_path / "src", rows)
+    entry = {"directory": "src", "token_dtype": "uint16", "vocab_size": CFG.vocab_size, "eos_id": 0, "pad_id": 1, **made}
+    records.write_manifest(tmp_path, {"src": entry})
+    losses = capability.prepared_document_losses(CFG, params, tmp_path / "src", max_len=32, batch_size=2, progress=None)
+    assert [m["score"] for m in losses.meta] == [0, 1, 2]
+    for n, doc in enumerate(docs):
+        alone = capability.text_loss(CFG, params, tok, [doc], max_len=32, progress=None)
+        assert losses.tokens[n] == alone.n_tokens
+        assert losses.nll[n] / losses.tokens[n] == pytest.approx(alone.ce, abs=1e-5)
+    everything = capability.text_loss(CFG, params, tok, docs, max_len=32, progress=None)
+    assert losses.ce() == pytest.approx(everything.ce, abs=1e-5)
+    assert losses.ce(np.asarray([False, True, False])) == pytest.approx(losses.nll[1] / losses.tokens[1])
+    first = capability.prepared_document_losses(CFG, params, tmp_path / "src", max_documents=1, max_len=32, progress=None)
+    assert len(first.meta) == 1 and first.nll[0] == pytest.approx(losses.nll[0], rel=1e-6)

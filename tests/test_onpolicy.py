@@ -41,7 +41,8 @@ def fake_scorer(monkeypatch):
 @pytest.fixture(scope="module")
 def pol_dataset(tmp_path_factory):
     """A prepared dataset (real `prepare`) whose source "pol" holds half its posts out as "pol@valid"."""
-    from jaxlm.data.prepare import Recipe, prepare
+    from jaxlm.data.prepare import prepare
+    from jaxlm.data.recipe import Recipe
 
     root = tmp_path_factory.mktemp("pol")
     rng = np.random.default_rng(0)

@@ -14,7 +14,9 @@ from jaxlm.cli import main
 from jaxlm.config import ConfigError, from_dict, load
 from jaxlm.data import DataError, records
 from jaxlm.data.pipeline import PipelineConfig, build_pipeline
-from jaxlm.data.prepare import Recipe, held_out_flags, load_recipe, prepare, sample_texts
+from jaxlm.data.inputs import held_out_flags
+from jaxlm.data.prepare import prepare, sample_texts
+from jaxlm.data.recipe import Recipe, load_recipe
 from jaxlm.data.sources import Document, read_4chan_csv, read_gutenberg, read_jsonl
 from jaxlm.tokenizer import Tokenizer
 
@@ -203,7 +205,7 @@ def test_changed_input_retrains_a_sampled_tokenizer(corpus, tmp_path):
 
 
 def test_interrupted_run_leaves_the_previous_dataset_intact(corpus, tmp_path, monkeypatch):
-    from jaxlm.data import prepare as prepare_module
+    from jaxlm.data import encode
 
     out = tmp_path / "prepared"
     recipe = make_recipe()
@@ -214,15 +216,15 @@ def test_interrupted_run_leaves_the_previous_dataset_intact(corpus, tmp_path, mo
     (corpus / "notes.jsonl").write_text("".join(json.dumps({**n, "id": n["id"] + "x"}) + "\n" for n in NOTES))
 
     calls = {"n": 0}
-    original = prepare_module.DocumentEncoder.__call__
+    original = encode.DocumentEncoder.__call__
 
-    def failing(self, texts):
+    def failing(self, items, work):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way through the notes
-        return original(self, texts)
+        return original(self, items, work)
 
-    monkeypatch.setattr(prepare_module.DocumentEncoder, "__call__", failing)
+    monkeypatch.setattr(encode.DocumentEncoder, "__call__", failing)
     with pytest.raises(KeyboardInterrupt):
         run(recipe, out, corpus, task_chars=100)
     # Nothing was committed: the previous dataset (manifest, tokenizer, every shard) is byte for
@@ -232,7 +234,7 @@ def test_interrupted_run_leaves_the_previous_dataset_intact(corpus, tmp_path, mo
     assert not list(out.rglob(".staging")) and not (out / ".tokenizer.json.staged").exists()
     build_pipeline(from_dict(PipelineConfig, {"dataset": str(out), "sources": {"notes": 1.0}, "prefetch": 0})).close()
 
-    monkeypatch.setattr(prepare_module.DocumentEncoder, "__call__", original)
+    monkeypatch.setattr(encode.DocumentEncoder, "__call__", original)
     books = shard_files(out / "books")
     result = run(recipe, out, corpus)
     assert result.built == ("notes",) and result.reused == ("books", "pol")

@@ -25,6 +25,7 @@ from jaxlm.data.sources import (
     read_text,
     read_text_files,
     read_tfds,
+    read_wikitext,
     split_text,
     strip_gutenberg_boilerplate,
 )
@@ -191,6 +192,21 @@ def test_4chan_bad_input(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Generic readers
 # ---------------------------------------------------------------------------------------
+
+
+def test_read_wikitext_yields_one_detokenized_document_per_article(tmp_path):
+    wiki = write(tmp_path / "wiki" / "valid.txt",
+                 " \n = Alpha = \n\n A 3 @-@ 4 result , fine . \n\n = = Sub = = \n\n more \n\n = Beta = \n\n second \n",
+                 compress=True)
+    stats = ReadStats()
+    docs = list(read_wikitext(wiki, "wiki", options=ReadOptions(max_chars=1000), stats=stats))
+    assert [d.doc_id for d in docs] == ["valid.txt:0", "valid.txt:1"]
+    assert docs[0].text.startswith("= Alpha =") and "3-4 result, fine." in docs[0].text and "= = Sub = =" in docs[0].text
+    assert docs[1].text == "= Beta = \n\n second" and docs[1].meta == {"path": "valid.txt", "article": 1}
+    assert stats.to_dict()["wiki"]["documents"] == 2
+    plain = write(tmp_path / "plain.txt", "no headings here\n")
+    with pytest.raises(DataError, match="plain.txt: not in the WikiText format"):
+        list(read_wikitext(plain, "wiki"))
 
 
 def test_read_text_files_glob_dir_and_gzip_by_magic(tmp_path):

@@ -42,7 +42,7 @@ SECTION = "## Data preparation and loading (real corpora)"
 
 def subset_recipe(books: int, posts: int, tokenizer: str | None, vocab_size: int):
     from jaxlm.config import from_dict
-    from jaxlm.data.prepare import Recipe
+    from jaxlm.data.recipe import Recipe
 
     data = {
         "sources": {
@@ -58,7 +58,8 @@ def subset_recipe(books: int, posts: int, tokenizer: str | None, vocab_size: int
 
 def component_rates(recipe, tokenizer_path: str) -> dict[str, float]:
     """MB/s of reading, encoding (threaded / one thread) and scoring the subset's text, in-process."""
-    from jaxlm.data.prepare import profanity_scorer, read_documents, resolve_source
+    from jaxlm.data.encode import profanity_scorer
+    from jaxlm.data.inputs import read_documents, resolve_source
     from jaxlm.data.sources import ReadStats, split_text
     from jaxlm.paths import data_dir
     from jaxlm.tokenizer import Tokenizer

@@ -21,8 +21,8 @@ import sys
 DEBUG_ENV = "JAXLM_DEBUG"
 
 # Subcommand modules under jaxlm.cli, in the order `jaxlm --help` lists them.
-SUBCOMMAND_MODULES = ("info", "data", "train", "posttrain", "probe", "iti", "steer", "generate", "eval", "redteam", "export", "toy",
-                      "sweep")
+SUBCOMMAND_MODULES = ("info", "data", "train", "posttrain", "probe", "iti", "steer", "generate", "eval", "redteam", "export",
+                      "average", "toy", "sweep")
 
 
 def add_documented_parser(subparsers, name: str, summary: str, doc: str) -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
-"""Look at prepared data through a pipeline: the manifest's per-source counts, a few decoded packed
-sequences, and the realised vs target token share of each source over N batches (``jaxlm data
-inspect`` prints this report). Every shard of the mixed sources is checked against its sha256.
+"""Look at prepared data: the manifest's per-source counts, each chain step's drops and the score
+distributions (``inspect_dataset``, for a prepared dataset directory), and through a pipeline a
+few decoded packed sequences and the realised vs target token share of each source over N
+batches (``inspect_pipeline``). ``jaxlm data inspect`` prints either report. Every shard looked
+at is checked against its sha256.
 """
 
 from __future__ import annotations
@@ -32,11 +34,29 @@ def manifest_summary(manifest) -> dict[str, Any]:
     for name, info in manifest.sources.items():
         entry = manifest.data["sources"][name]
         item = {"documents": info.num_documents, "tokens": info.num_tokens, "dropped": entry.get("dropped", {})}
-        for key in ("toxicity", "held_out_from", "text_bytes"):
+        for key in ("toxicity", "held_out_from", "text_bytes", "chain", "scores"):
             if key in entry:
                 item[key] = entry[key]
         summary[name] = item
     return summary
+
+
+def inspect_dataset(dataset_dir: str) -> dict[str, Any]:
+    """A prepared dataset's manifest summary (counts, drops, chain steps, score distributions and
+    classifiers), every shard verified against its sha256."""
+    from jaxlm.data import records
+
+    manifest = records.read_manifest(dataset_dir)
+    records.verify_dataset(manifest, checksums=True)
+    return {
+        "dataset": str(manifest.root),
+        "manifest": {
+            "tokenizer": str(manifest.tokenizer) if manifest.tokenizer else None,
+            "vocab_size": next(iter(manifest.sources.values())).vocab_size,
+            "sources": manifest_summary(manifest),
+            "classifiers": manifest.data.get("classifiers", {}),
+        },
+    }
 
 
 def _segments(tokens, segment_ids) -> list[list[int]]:

@@ -10,6 +10,13 @@ gives full ``seq_len`` rows with ``segment_ids`` (1..k for the document pieces o
 document longer than the row continues in the next row, so every token is kept and there
 is no padding) and ``positions`` (restarting at 0 for every piece).
 
+A source with a curriculum (``data.curricula.<source>``, ``CurriculumConfig``; Luo et al.
+2025 quality curricula) replaces the uniform shuffle by ``CurriculumMapDataset``: its
+documents sorted by a metadata score, cut into equal-count buckets visited in order, each
+bucket shuffled (seeded). At the end of an epoch the same curriculum starts again with a new
+within-bucket shuffle. The scores are read from the shards' metadata once, when the
+pipeline is built. A source without one is streamed exactly as before.
+
 Then ``ExactMixtureIterDataset`` draws the rows of each global batch from the sources.
 Every row holds ``seq_len`` tokens, so a share of rows is a share of tokens. The rows are
 assigned with Tijdeman's chairman-assignment rule (earliest deadline first): after *every*
@@ -34,11 +41,16 @@ State (``Pipeline.get_state()``, JSON)::
      "rows_per_source": {name: rows since step 0},
      "streams": {name: grain iterator state of the source's packed stream}}
 
-Restoring continues identically. Restored with a config whose weights at the saved step
+Restoring continues identically (a curriculum stream included: its order is a function of
+the stream position). Restored with a config whose weights at the saved step
 differ from the saved phase's (a mixture change on resume), the per-source streams keep
 their positions and a new phase starts at the saved step with the new weights. Sources
 absent from the state start at their beginning; sources absent from the config are
 dropped from the state. A different ``seq_len`` or ``seed`` is refused.
+
+Coverage: built for a known number of steps (``build_pipeline(num_steps=...)``), the
+pipeline logs one warning per source the mixture will repeat: ``planned_source_tokens``
+gives the tokens each source contributes, compared with one epoch of its stream.
 
 Integrity: ``build_pipeline`` refuses (``DataError`` naming the file) a tokenizer that is not
 the one the manifest records, a manifest whose counts or ``vocab_size`` disagree with its
@@ -59,8 +71,10 @@ import atexit
 import bisect
 import dataclasses
 import hashlib
+import logging
 import math
 import os
+import typing
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -71,8 +85,10 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from jaxlm.config import ConfigError
-from jaxlm.data import records
+from jaxlm.data import DataError, records
 from jaxlm.data.records import Manifest, SourceInfo
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "source_ids")
@@ -143,12 +159,33 @@ class TagConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    """A source's documents in the order of a per-document score (a quality curriculum).
+
+    ``score``: a numeric key of the documents' metadata (``toxicity``, ``quality.wiki``, ...;
+    keys are flat, dots included). The documents, sorted by score (``order``; ties keep
+    their stored order), are cut into ``buckets`` of equal count; the buckets are visited in
+    order and the documents within a bucket in a seeded shuffle. Every epoch runs the same
+    curriculum again with a new within-bucket shuffle. ``missing``: documents without the
+    key (or with ``null``) are refused (``error``) or form one bucket of their own after
+    (``last``) or before (``first``) the scored ones.
+    """
+
+    score: str
+    order: Literal["ascending", "descending"] = "ascending"
+    buckets: int = 10
+    missing: Literal["error", "last", "first"] = "error"
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """A mixture of prepared sources, packed to ``seq_len``, in global batches.
 
     ``sources`` maps each source of the prepared dataset (``dataset``: the directory with
     ``manifest.json``) to its share of training tokens at step 0; shares are >= 0 and sum
-    to 1. ``schedule`` changes the shares from given steps on.
+    to 1. ``schedule`` changes the shares from given steps on. ``curricula`` orders some
+    sources' documents by a score instead of a uniform shuffle (source name -> curriculum);
+    ``None`` and ``{}`` both mean none.
     """
 
     dataset: str
@@ -160,8 +197,13 @@ class PipelineConfig:
     tags: TagConfig | None = None
     read_threads: int = 0  # grain read threads per source (0: read in the iterating thread)
     prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
+    curricula: dict[str, CurriculumConfig] | None = None
+
+    OMIT_AT_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("curricula",)
 
     def __post_init__(self) -> None:
+        if self.curricula == {}:  # the same config as none: the same recorded form and fingerprint
+            object.__setattr__(self, "curricula", None)
         if not self.sources:
             raise ConfigError("data.sources: expected at least one source with a weight")
         check_weights(self.sources, "data.sources")
@@ -194,10 +236,26 @@ class PipelineConfig:
                     f"data.tags.sources: unknown source {', '.join(map(repr, unknown))}; "
                     f"data.sources lists: {', '.join(self.sources)}"
                 )
+        for name, curriculum in (self.curricula or {}).items():
+            check_curriculum(name, curriculum, self.sources)
 
     @property
     def source_names(self) -> tuple[str, ...]:
         return tuple(self.sources)
+
+    def curriculum_of(self, source: str) -> CurriculumConfig | None:
+        return (self.curricula or {}).get(source)
+
+
+def check_curriculum(name: str, curriculum: CurriculumConfig, sources: Mapping[str, float]) -> None:
+    """A curriculum must name a source of the mixture, a score key and at least one bucket."""
+    where = f"data.curricula.{name}"
+    if name not in sources:
+        raise ConfigError(f"{where}: unknown source {name!r}; data.sources lists: {', '.join(sources)}")
+    if not curriculum.score:
+        raise ConfigError(f"{where}.score: expected a metadata key (e.g. toxicity or quality.wiki), got ''")
+    if isinstance(curriculum.buckets, bool) or not isinstance(curriculum.buckets, int) or curriculum.buckets < 1:
+        raise ConfigError(f"{where}.buckets: expected a positive integer, got {curriculum.buckets!r}")
 
 
 def check_weights(weights: Mapping[str, float], where: str) -> None:
@@ -290,6 +348,42 @@ class MixtureSchedule:
             total = [t + w * span for t, w in zip(total, self.weights[i])]
         n = max(stop - start, 1)
         return {name: float(t / n) for name, t in zip(self.names, total)}
+
+
+def planned_source_tokens(config: PipelineConfig, num_steps: int) -> dict[str, int]:
+    """Tokens each source contributes to batches ``0 .. num_steps - 1`` (rows * ``seq_len``).
+
+    Each schedule phase's rows are apportioned by its weights; the mixer keeps every
+    source within one row of that target, so the planned count is exact up to one row
+    (``seq_len`` tokens) per phase, and exact where ``rows * weight`` is a whole number.
+    """
+    if num_steps < 0:
+        raise ConfigError(f"num_steps: expected a non-negative integer, got {num_steps}")
+    schedule = MixtureSchedule(config)
+    ends = schedule.steps[1:] + [num_steps]
+    rows = dict.fromkeys(schedule.names, 0)
+    for start, end, weights in zip(schedule.steps, ends, schedule.weights):
+        phase_rows = max(0, min(end, num_steps) - start) * config.batch_size
+        for name, weight in zip(schedule.names, weights):
+            rows[name] += round(weight * phase_rows)
+    return {name: count * config.seq_len for name, count in rows.items()}
+
+
+def coverage_warnings(config: PipelineConfig, infos: Sequence[SourceInfo], num_steps: int) -> list[str]:
+    """One line per source that ``num_steps`` steps will repeat (draw more than one epoch of).
+
+    An epoch of a source's stream is its ``num_tokens`` plus one EOS per document (tags,
+    when configured, add to it, so the epochs counted are an upper bound)."""
+    needed = planned_source_tokens(config, num_steps)
+    lines = []
+    for info in infos:
+        available = info.num_tokens + info.num_documents
+        if needed[info.name] > available:
+            lines.append(
+                f"data: source {info.name!r} will be repeated: {num_steps} steps draw {needed[info.name]:,} of its "
+                f"tokens, it holds {available:,} (with one EOS per document): {needed[info.name] / available:.2f} epochs"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,6 +483,122 @@ def stream_seed(seed: int, source: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+# ---------------------------------------------------------------------------------------
+# Curricula: documents in score order, bucket by bucket
+# ---------------------------------------------------------------------------------------
+
+_SCORE_READ_CHUNK = 1024  # records decoded per read while collecting scores
+_SCORE_PROGRESS_MIN = 50_000  # sources with at least this many documents show a progress bar
+
+
+def document_score(meta: Mapping[str, Any], key: str, source: str) -> float:
+    """The score ``meta[key]`` as a float; NaN when the key is absent or null. A value that
+    is not a finite number is a ``DataError`` naming the source, document and key."""
+    value = meta.get(key)
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(
+            f"source {source!r}, document {meta.get('doc_id')!r}: metadata {key!r} is {value!r}; "
+            f"data.curricula.{source}.score needs a finite number"
+        )
+    return float(value)
+
+
+def read_scores(info: SourceInfo, curriculum: CurriculumConfig, *, progress: bool = True) -> np.ndarray:
+    """float64 score of every document of a source, in stored order (NaN: no score, allowed
+    only when ``curriculum.missing`` is not ``error``)."""
+    from tqdm import tqdm
+
+    data = records.open_source(info.directory, info)
+    scores = np.empty(len(data), np.float64)
+    bar = tqdm(total=len(data), desc=f"curriculum scores {info.name}", unit="doc", mininterval=1,
+               disable=not progress or len(data) < _SCORE_PROGRESS_MIN)
+    with bar:
+        for start in range(0, len(data), _SCORE_READ_CHUNK):
+            indices = range(start, min(start + _SCORE_READ_CHUNK, len(data)))
+            for index, record in zip(indices, data.__getitems__(list(indices))):
+                try:
+                    meta = records.decode_record(record)[1]
+                except records.RecordError as err:
+                    raise records.RecordError(f"{info.directory}: document {index}: {err}") from None
+                scores[index] = document_score(meta, curriculum.score, info.name)
+                if math.isnan(scores[index]) and curriculum.missing == "error":
+                    raise DataError(
+                        f"source {info.name!r}, document {meta.get('doc_id')!r}: no {curriculum.score!r} in its "
+                        f"metadata; data.curricula.{info.name} orders by it (prepare the source with that score, "
+                        f"or set data.curricula.{info.name}.missing: last or first)"
+                    )
+            bar.update(len(indices))
+    return scores
+
+
+def curriculum_buckets(scores: np.ndarray, curriculum: CurriculumConfig) -> list[np.ndarray]:
+    """Document indices of each bucket, in visiting order.
+
+    The scored documents sorted by score (stable: ties keep their stored order), cut into
+    ``curriculum.buckets`` equal-count buckets (sizes differ by at most one; empty ones are
+    dropped); the unscored ones (NaN) are one bucket after (``last``) or before (``first``).
+    """
+    scores = np.asarray(scores, np.float64)
+    unscored = np.isnan(scores)
+    scored = np.flatnonzero(~unscored)
+    keys = scores[scored] if curriculum.order == "ascending" else -scores[scored]
+    ordered = scored[np.argsort(keys, kind="stable")]
+    buckets = [b for b in np.array_split(ordered, curriculum.buckets) if b.size]
+    if unscored.any():
+        rest = np.flatnonzero(unscored)
+        buckets = [rest, *buckets] if curriculum.missing == "first" else [*buckets, rest]
+    return buckets
+
+
+class CurriculumMapDataset(grain.MapDataset):
+    """The documents of ``parent`` in curriculum order, epoch after epoch.
+
+    Index ``i`` is position ``i % n`` of epoch ``i // n`` (n: the documents in ``buckets``).
+    Each epoch visits ``buckets`` in order, every bucket shuffled with a permutation seeded
+    by ``(seed, epoch)``: the same curriculum again with a new within-bucket order. An
+    index names its document without any iteration history, so grain's iterator state (the
+    next index) resumes a stream mid-curriculum exactly.
+    """
+
+    def __init__(self, parent: grain.MapDataset, buckets: Sequence[np.ndarray], seed: int):
+        super().__init__(parent)
+        self._buckets = tuple(np.asarray(b, np.int64) for b in buckets)
+        self._length = sum(b.size for b in self._buckets)
+        if self._length == 0:
+            raise ValueError("CurriculumMapDataset: the buckets hold no documents")
+        self._seed = seed
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> document order (the latest two epochs)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        return f"CurriculumMapDataset(buckets={len(self._buckets)}, documents={self._length})"
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The document indices of one epoch, in visiting order."""
+        order = self._orders.get(epoch)
+        if order is None:
+            rng = np.random.default_rng([self._seed, epoch])
+            order = np.concatenate([rng.permutation(bucket) for bucket in self._buckets])
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
+        return order
+
+    def _document(self, index: int) -> int:
+        epoch, position = divmod(int(index), self._length)
+        return int(self.epoch_order(epoch)[position])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._document(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._document(i) for i in indices])
+
+
 def source_stream(
     info: SourceInfo,
     *,
@@ -396,9 +606,11 @@ def source_stream(
     seed: int,
     tag: TagTransform | None = None,
     read_threads: int = 0,
+    buckets: Sequence[np.ndarray] | None = None,
 ) -> grain.IterDataset:
     """One source as an endless grain stream of packed rows (keys ``tokens``,
-    ``tokens_segment_ids``, ``tokens_positions``)."""
+    ``tokens_segment_ids``, ``tokens_positions``). ``buckets`` (``curriculum_buckets``):
+    visit the documents in that curriculum order instead of a uniform shuffle."""
     data = records.open_source(info.directory, info)
     if len(data) != info.num_documents:
         raise records.ManifestError(
@@ -406,10 +618,13 @@ def source_stream(
             f"{info.directory} hold {len(data)}; prepare again"
         )
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)
+    documents = grain.MapDataset.source(data)
+    if buckets is None:
+        documents = documents.shuffle(seed=stream_seed(seed, info.name))
+    else:
+        documents = CurriculumMapDataset(documents, buckets, stream_seed(seed, info.name))
     documents = (
-        grain.MapDataset.source(data)
-        .shuffle(seed=stream_seed(seed, info.name))
-        .repeat(None)  # each epoch reshuffled (shuffle seed + epoch)
+        documents.repeat(None)  # endless; the shuffle (or curriculum) reads the epoch from the index
         .map(_DocumentToFeatures(info, tag, info.vocab_size if info.max_token_id is None else None))
         .to_iter_dataset(read_options)
     )
@@ -768,6 +983,13 @@ def _check_sources(config: PipelineConfig, manifest: Manifest) -> list[SourceInf
     return infos
 
 
+def _buckets_of(config: PipelineConfig, info: SourceInfo, progress: bool) -> list[np.ndarray] | None:
+    curriculum = config.curriculum_of(info.name)
+    if curriculum is None:
+        return None
+    return curriculum_buckets(read_scores(info, curriculum, progress=progress), curriculum)
+
+
 def build_pipeline(
     config: PipelineConfig,
     *,
@@ -776,12 +998,17 @@ def build_pipeline(
     start_step: int = 0,
     state: dict[str, Any] | None = None,
     tag_transform: TagTransform | None = None,
+    num_steps: int | None = None,
+    progress: bool = True,
 ) -> Pipeline:
     """The data pipeline for ``config``; ``state`` (from ``get_state``) resumes it.
 
     ``start_step``: without a state, the step the first batch belongs to (the schedule
     position; streams start at their beginning). ``tag_transform`` overrides
-    ``config.tags`` (which is encoded with the dataset's tokenizer).
+    ``config.tags`` (which is encoded with the dataset's tokenizer). ``num_steps``: the
+    steps the run will train, to warn (process 0, one line per source) about sources the
+    mixture will repeat (``coverage_warnings``). ``progress``: a progress bar while the
+    scores of a large curriculum source are read.
     """
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} / process_count {process_count}: expected 0 <= index < count")
@@ -803,10 +1030,14 @@ def build_pipeline(
         from jaxlm.tokenizer import Tokenizer
 
         tag_transform = TagTransform.from_config(config.tags, tokenizer or Tokenizer.load(manifest.tokenizer))
+    if num_steps is not None and process_index == 0:
+        for line in coverage_warnings(config, infos, num_steps):
+            log.warning(line)
     schedule = MixtureSchedule(config)
     streams = [
         source_stream(
-            info, seq_len=config.seq_len, seed=config.seed, tag=tag_transform, read_threads=config.read_threads
+            info, seq_len=config.seq_len, seed=config.seed, tag=tag_transform, read_threads=config.read_threads,
+            buckets=_buckets_of(config, info, progress),
         )
         for info in infos
     ]

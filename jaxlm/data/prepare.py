@@ -1,9 +1,12 @@
-"""Prepare: raw corpora -> tokenizer -> tokenized, toxicity-scored ArrayRecord shards + manifest.
+"""Prepare: raw corpora -> chain (filters, scores, transforms) -> tokenized ArrayRecord shards + manifest.
 
 ``prepare(recipe, out_dir)`` (CLI: ``jaxlm data prepare RECIPE.yaml``) reads each source of a
-``Recipe`` with its ``jaxlm.data.sources`` reader, trains a byte-level BPE on a seeded sample
-of every source (or loads a given ``tokenizer.json``), tokenizes and scores every document
-in worker processes, and writes the prepared dataset that ``jaxlm.data.pipeline`` reads::
+``Recipe`` (``data/recipe``) with its ``jaxlm.data.sources`` reader (``data/inputs``), trains a
+byte-level BPE on a seeded sample of every source (or loads a given ``tokenizer.json``) and
+the recipe's quality classifiers (``data/classifiers``), transforms, tokenizes and scores every
+document in worker processes (``data/encode``), applies each source's filter chain
+(``data/chain``), and writes the prepared dataset that ``jaxlm.data.pipeline`` reads
+(``data/shards``, ``data/records``)::
 
     <out>/manifest.json          written last, atomically (see below)
     <out>/tokenizer.json         the tokenizer the documents were encoded with
@@ -13,7 +16,8 @@ in worker processes, and writes the prepared dataset that ``jaxlm.data.pipeline`
 Records (``jaxlm.data.records``) hold a document's token ids, without an end-of-document
 id (the pipeline appends one when packing), and its metadata: ``doc_id``, ``source``, the
 reader's metadata (author/title, thread/time/country, file/line, ...), ``toxicity`` and
-``toxicity_max``.
+``toxicity_max``, and what the chain adds (``quality.<name>``, ``quality.<name>.percentile``,
+``permuted``).
 
 Toxicity: the offline ``alt-profanity-check`` classifier was trained on tweets and short
 comments, and as a linear model on word counts it saturates on long inputs. A document is
@@ -55,13 +59,10 @@ arguments) raises ``DataError``/``ConfigError`` naming the file or field.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime
 import functools
 import hashlib
-import inspect
-import itertools
 import json
 import logging
 import math
@@ -70,12 +71,34 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jaxlm.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
-from jaxlm.data import DataError, records, sources
+from jaxlm.config import ConfigError, to_dict
+from jaxlm.data import DataError, records
+from jaxlm.data import classifiers as classifiers_lib
+from jaxlm.data.chain import SourceChain, percentile_key, permute_tokens, permuted_documents, quality_key
+from jaxlm.data.classifiers import PreparedClassifier, prepare_classifiers
+from jaxlm.data.encode import (
+    TOXICITY_PACKAGE,
+    TOXICITY_SCORER,
+    ChunkRunner,
+    SourceWork,
+    WorkItem,
+    chunked,
+    hook_fingerprint,
+)
+from jaxlm.data.inputs import (
+    SourceInputs,
+    digest,
+    held_out_flags,
+    input_fingerprints,
+    read_documents,
+    resolve_source,
+)
+from jaxlm.data.recipe import Recipe, split_names
+from jaxlm.data.shards import CandidateSpool, RollingShards, clear_source_dir, clear_staging
 from jaxlm.data.sources import Document, ReadOptions, ReadStats
 from jaxlm.errors import DirectoryLock
 
@@ -84,263 +107,14 @@ log = logging.getLogger(__name__)
 PREPARE_VERSION = 1  # bump when the same inputs and recipe would give different records
 TOKENIZER_FILE = "tokenizer.json"
 PREVIOUS_MANIFEST = ".manifest.previous.json"
-VALID_SUFFIX = "@valid"
 DROP_NO_TOKENS = "no_tokens"  # a non-empty text that encodes to no ids (not expected with byte-level BPE)
-TOXICITY_SCORER = "profanity-check"
-TOXICITY_PACKAGE = "alt-profanity-check"
 SAMPLE_PIECE_CHARS = 10_000  # tokenizer sample: reservoir over pieces of about this many characters
-MAX_SHARD_BYTES = 256 * 2**20  # a shard also ends after about this many bytes of tokens
-STAGING_DIR = ".staging"  # shards being written, hidden inside the source directory
 STAGED_TOKENIZER = ".tokenizer.json.staged"  # a new tokenizer until the run commits
-_STAGING_COUNT = 99999  # placeholder shard count in staging names (the real one is known at the end)
-
-ReaderKind = Literal["gutenberg", "4chan_csv", "4chan_ndjson", "jsonl", "csv", "text", "tfds"]
 
 
 # ---------------------------------------------------------------------------------------
-# Readers
+# Versions (part of every fingerprint)
 # ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ReaderSpec:
-    """How a recipe's reader kind maps onto a ``jaxlm.data.sources`` function."""
-
-    function: Callable[..., Iterator[Document]]
-    path_arg: str | None  # the parameter receiving the source's paths (None: TFDS, no files)
-    suffixes: tuple[str, ...] = ()  # files a directory contributes (as the reader searches it)
-
-    def parameters(self) -> dict[str, inspect.Parameter]:
-        """Keyword arguments a recipe may give in ``args`` (everything but paths, source, options, stats)."""
-        fixed = {self.path_arg, "source", "options", "stats"}
-        return {k: p for k, p in inspect.signature(self.function).parameters.items() if k not in fixed}
-
-    def required(self) -> list[str]:
-        return [k for k, p in self.parameters().items() if p.default is inspect.Parameter.empty]
-
-
-READERS: dict[str, ReaderSpec] = {
-    "gutenberg": ReaderSpec(sources.read_gutenberg, "dir_or_files", (".txt", ".txt.gz")),
-    "4chan_csv": ReaderSpec(sources.read_4chan_csv, "path"),
-    "4chan_ndjson": ReaderSpec(sources.read_4chan_ndjson, "path"),
-    "jsonl": ReaderSpec(sources.read_jsonl, "path"),
-    "csv": ReaderSpec(sources.read_csv, "path"),
-    "text": ReaderSpec(sources.read_text_files, "paths_or_glob"),
-    "tfds": ReaderSpec(sources.read_tfds, None),
-}
-
-
-# ---------------------------------------------------------------------------------------
-# Recipe
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceRecipe:
-    """One source: a reader, its inputs and arguments, and what to keep.
-
-    ``paths``: files, directories or glob patterns, relative to the data directory
-    (``$JAXLM_DATA_DIR``) or absolute. ``args``: keyword arguments of the reader function
-    (e.g. ``text_field`` for ``jsonl``, ``documents: threads`` for 4chan, ``name``/``split``
-    for ``tfds``). ``max_documents``: stop after this many documents (CI-size subsets).
-    ``valid_fraction``: share of documents written to the held-out source ``<name>@valid``
-    instead (every document whose running count crosses the next multiple of
-    ``1/valid_fraction``, so exactly ``round(n * valid_fraction)`` of ``n``; the parts of a
-    split document stay together). ``records_per_shard``: documents per shard file (a shard
-    also ends at 256 MiB): ArrayRecord's random reads slow down with the number of records
-    in a file (about 3k reads/s with 272k records in one shard, 57k/s with 8k; see
-    docs/data.md), which matters for sources of short posts. ``read``: this source's read
-    options (default: the recipe's).
-    """
-
-    reader: ReaderKind
-    paths: str | tuple[str, ...] = ()
-    args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    max_documents: int | None = None
-    valid_fraction: float = 0.0
-    records_per_shard: int = 8192
-    read: ReadOptions | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.paths, str):
-            object.__setattr__(self, "paths", (self.paths,))
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(f"max_documents: expected a positive integer or null, got {self.max_documents}")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise ConfigError(f"valid_fraction: expected a number in [0, 1), got {self.valid_fraction}")
-        if self.records_per_shard < 1:
-            raise ConfigError(f"records_per_shard: expected a positive integer, got {self.records_per_shard}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerRecipe:
-    """Load ``path`` (a ``tokenizer.json`` or a directory holding one; relative to the
-    current directory), or train a byte-level BPE of ``vocab_size`` on a seeded sample of
-    ``sample_chars`` characters per source."""
-
-    path: str | None = None
-    vocab_size: int = 8192
-    sample_chars: int = 5_000_000
-    seed: int = 0
-    min_frequency: int = 2
-
-    def __post_init__(self) -> None:
-        if self.sample_chars < 1:
-            raise ConfigError(f"tokenizer.sample_chars: expected a positive integer, got {self.sample_chars}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ToxicityRecipe:
-    """Score every document with the offline ``alt-profanity-check`` classifier, in chunks
-    of at most ``chunk_chars`` characters (see the module doc)."""
-
-    enabled: bool = True
-    chunk_chars: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.chunk_chars < 1:
-            raise ConfigError(f"toxicity.chunk_chars: expected a positive integer, got {self.chunk_chars}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """What ``jaxlm data prepare`` builds (see ``experiments/configs/recipe-*.yaml``).
-
-    ``out``: default output directory (relative to the current directory; ``--out``
-    overrides it). ``data_dir``: the corpora root (default ``$JAXLM_DATA_DIR``).
-    ``read``: read options of every source (``max_chars``: longer documents are split into
-    parts, or dropped with ``too_long: drop``; ``invalid_utf8``: ``error`` or ``drop``).
-    ``fingerprint``: how input files are fingerprinted: ``stat`` (size and mtime) or
-    ``sha256`` (content; slower).
-    """
-
-    sources: dict[str, SourceRecipe]
-    tokenizer: TokenizerRecipe = TokenizerRecipe()
-    toxicity: ToxicityRecipe = ToxicityRecipe()
-    read: ReadOptions = ReadOptions(max_chars=2_000_000)
-    out: str | None = None
-    data_dir: str | None = None
-    fingerprint: Literal["stat", "sha256"] = "stat"
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("sources: expected at least one source (name: {reader: ..., paths: [...]})")
-        for name, source in self.sources.items():
-            where = f"sources.{name}"
-            if not name or name.startswith(".") or any(c in name for c in "/\\@") or name != name.strip():
-                raise ConfigError(
-                    f"{where}: invalid source name {name!r} (expected a directory name without '/', '\\' or '@', "
-                    "not starting with '.')"
-                )
-            spec = READERS[source.reader]
-            allowed = spec.parameters()
-            unknown = sorted(set(source.args) - set(allowed))
-            if unknown:
-                raise ConfigError(
-                    f"{where}.args: unknown argument {', '.join(map(repr, unknown))} for reader {source.reader!r}; "
-                    f"valid arguments: {', '.join(allowed) or 'none'}"
-                )
-            missing = [k for k in spec.required() if k not in source.args]
-            if missing:
-                raise ConfigError(f"{where}.args: reader {source.reader!r} needs {', '.join(map(repr, missing))}")
-            if spec.path_arg is None and source.paths:
-                raise ConfigError(f"{where}.paths: reader {source.reader!r} takes no paths (use args.name / args.data_dir)")
-            if spec.path_arg is not None and not source.paths:
-                raise ConfigError(f"{where}.paths: reader {source.reader!r} needs at least one file, directory or glob")
-
-
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """A ``Recipe`` from YAML plus ``key.sub=value`` overrides (e.g. ``sources.pol.max_documents=1000``)."""
-    data = apply_overrides(read_yaml(path), list(overrides))
-    try:
-        return from_dict(Recipe, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def split_names(name: str, source: SourceRecipe) -> tuple[str, ...]:
-    """Prepared source names of a recipe source: ``name`` and, with held-out data, ``name@valid``."""
-    return (name, name + VALID_SUFFIX) if source.valid_fraction > 0 else (name,)
-
-
-# ---------------------------------------------------------------------------------------
-# Inputs: paths, fingerprints
-# ---------------------------------------------------------------------------------------
-
-
-def _resolve_path(raw: str, root: Callable[[], Path]) -> str:
-    expanded = os.path.expanduser(raw)
-    return expanded if os.path.isabs(expanded) else os.fspath(root() / expanded)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInputs:
-    """A source's reader call (resolved) and its input files."""
-
-    name: str
-    recipe: SourceRecipe
-    kwargs: dict[str, Any]  # reader keyword arguments, paths resolved (without source/options/stats)
-    files: tuple[Path, ...]
-    root: Path | None  # data directory, when the paths were relative to it
-
-
-def resolve_source(name: str, source: SourceRecipe, data_root: Callable[[], Path]) -> SourceInputs:
-    """Resolve paths against the data directory and list (and check) every input file."""
-    spec = READERS[source.reader]
-    kwargs = dict(source.args)
-    used_root: Path | None = None
-    if spec.path_arg is not None:
-        if any(not os.path.isabs(os.path.expanduser(p)) for p in source.paths):
-            used_root = data_root()
-        paths = [_resolve_path(p, data_root) for p in source.paths]
-        kwargs[spec.path_arg] = paths
-        try:
-            files = tuple(path for path, _ in sources.resolve_inputs(paths, suffixes=spec.suffixes))
-        except DataError as err:
-            raise DataError(f"sources.{name}.paths: {err}") from None
-    else:  # TFDS: the prepared dataset's files below its data directory
-        if kwargs.get("data_dir") is not None:
-            kwargs["data_dir"] = _resolve_path(str(kwargs["data_dir"]), data_root)
-        files = _tfds_files(kwargs["name"], kwargs.get("data_dir"))
-    unreadable = [f for f in files if not os.access(f, os.R_OK)]
-    if unreadable:
-        raise DataError(f"sources.{name}: {unreadable[0]}: not readable (permission denied)")
-    return SourceInputs(name, source, kwargs, files, used_root)
-
-
-def _tfds_files(name: str, data_dir: str | None) -> tuple[Path, ...]:
-    """Files of a prepared TFDS dataset (``name`` like ``c4/en`` or ``c4/en:3.0.1``); empty when
-    the directory is absent (the reader then reports the dataset as missing)."""
-    base, _, version = name.partition(":")
-    root = Path(data_dir) if data_dir is not None else Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-    folder = root.joinpath(*base.split("/"))
-    if version:
-        folder = folder / version
-    if not folder.is_dir():
-        return ()
-    return tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
-
-
-def input_fingerprints(inputs: SourceInputs, how: str) -> list[dict[str, Any]]:
-    """Per input file: path (relative to the data directory when below it), size, and mtime or sha256."""
-    entries = []
-    for path in inputs.files:
-        shown = path
-        if inputs.root is not None:
-            with contextlib.suppress(ValueError):
-                shown = path.relative_to(inputs.root)
-        stat = path.stat()
-        entry: dict[str, Any] = {"path": shown.as_posix(), "size": stat.st_size}
-        if how == "sha256":
-            entry["sha256"] = records.file_sha256(path)
-        else:
-            entry["mtime_ns"] = stat.st_mtime_ns
-        entries.append(entry)
-    return entries
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _version(package: str) -> str | None:
@@ -360,38 +134,18 @@ def output_versions(recipe: Recipe) -> dict[str, Any]:
     if recipe.toxicity.enabled:
         versions[TOXICITY_PACKAGE] = _version(TOXICITY_PACKAGE)
         versions["scikit-learn"] = _version("scikit-learn")
+    steps = {step.kind for source in recipe.sources.values() for step in source.filters}
+    if "near_dedup" in steps:
+        versions["datasketch"] = _version("datasketch")
+    if recipe.classifier_names():
+        versions["fasttext-numpy2"] = _version("fasttext-numpy2")
+        versions["scikit-learn"] = _version("scikit-learn")
     return versions
 
 
 def environment_versions() -> dict[str, Any]:
     names = ("jaxlm", "tokenizers", TOXICITY_PACKAGE, "scikit-learn", "array-record", "grain", "numpy")
     return {"python": platform.python_version(), **{name: _version(name) for name in names}}
-
-
-# ---------------------------------------------------------------------------------------
-# Reading documents (with limits and the held-out split)
-# ---------------------------------------------------------------------------------------
-
-
-def read_documents(inputs: SourceInputs, options: ReadOptions, stats: ReadStats | None) -> Iterator[Document]:
-    """The source's documents (at most ``max_documents``)."""
-    spec = READERS[inputs.recipe.reader]
-    documents = spec.function(**inputs.kwargs, source=inputs.name, options=options, stats=stats)
-    if inputs.recipe.max_documents is not None:
-        documents = itertools.islice(documents, inputs.recipe.max_documents)
-    return documents
-
-
-def held_out_flags(documents: Iterable[Document], fraction: float) -> Iterator[tuple[Document, bool]]:
-    """``(document, held_out)``: document ``i`` (0-based, split parts counted once) is held out
-    when ``floor((i+1) f + 1/2) > floor(i f + 1/2)``, so ``round(n f)`` of the first ``n`` are."""
-    index = -1
-    held = False
-    for document in documents:
-        if document.meta.get("part", 0) == 0:  # a new document (not a continuation part)
-            index += 1
-            held = fraction > 0 and math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
-        yield document, held
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +207,7 @@ def tokenizer_sample_fingerprint(recipe: Recipe, inputs: dict[str, list[dict[str
         }
         for name, s in recipe.sources.items()
     }
-    return _digest(
+    return digest(
         {
             "tokenizer": to_dict(recipe.tokenizer),
             "reading": reading,
@@ -492,165 +246,6 @@ def load_tokenizer(path: str):
 
 
 # ---------------------------------------------------------------------------------------
-# Encoding + scoring (in worker processes or in-process)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class EncodedChunk:
-    """Token ids of consecutive documents, concatenated, with per-document lengths and scores."""
-
-    ids: np.ndarray  # [sum(lengths)] of the token dtype
-    lengths: np.ndarray  # [n] int64
-    toxicity: np.ndarray | None  # [n] float64, character-weighted mean over chunks
-    toxicity_max: np.ndarray | None  # [n] float64
-    text_bytes: np.ndarray  # [n] int64, UTF-8 bytes of each text
-
-
-class DocumentEncoder:
-    """Tokenizes and scores lists of texts (one instance per worker process)."""
-
-    def __init__(self, tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe):
-        import tokenizers
-
-        self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
-        self.backend.encode_special_tokens = True  # documents are literal text (as jaxlm.tokenizer does)
-        self.dtype = records.TOKEN_DTYPES[token_dtype]
-        self.chunk_chars = toxicity.chunk_chars
-        self.scorer = profanity_scorer() if toxicity.enabled else None
-
-    def __call__(self, texts: Sequence[str]) -> EncodedChunk:
-        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
-        arrays = [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
-        lengths = np.asarray([a.size for a in arrays], np.int64)
-        ids = np.concatenate(arrays) if arrays else np.zeros((0,), self.dtype)
-        mean = peak = None
-        if self.scorer is not None:
-            mean, peak = self.score(texts)
-        text_bytes = np.asarray([len(t.encode("utf-8")) for t in texts], np.int64)
-        return EncodedChunk(ids, lengths, mean, peak, text_bytes)
-
-    def score(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        pieces: list[str] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            parts = [text] if len(text) <= self.chunk_chars else sources.split_text(text, self.chunk_chars)
-            pieces += parts
-            owner += [i] * len(parts)
-        scores = np.asarray(self.scorer(pieces), np.float64)
-        weights = np.asarray([len(p) for p in pieces], np.float64)
-        owner_arr = np.asarray(owner, np.int64)
-        n = len(texts)
-        mean = np.bincount(owner_arr, weights * scores, n) / np.maximum(np.bincount(owner_arr, weights, n), 1.0)
-        peak = np.full(n, -np.inf)
-        np.maximum.at(peak, owner_arr, scores)
-        return mean, peak
-
-
-def profanity_scorer() -> Callable[[list[str]], np.ndarray]:
-    """``alt-profanity-check``'s probability of being offensive per text (its ``predict_prob``),
-    from the one loaded copy of its model (``jaxlm.evaluate.scorer.profanity_check_model``)."""
-    import warnings
-
-    from jaxlm.evaluate.scorer import ScorerUnavailableError, profanity_check_model
-
-    try:
-        vectorizer, model = profanity_check_model()
-    except ScorerUnavailableError as err:
-        raise ConfigError(
-            f"toxicity.enabled: the scorer needs the {TOXICITY_PACKAGE} package ({err}); "
-            "install it or set toxicity.enabled: false"
-        ) from None
-    positive = list(model.classes_).index(1)
-
-    def score(texts: list[str]) -> np.ndarray:
-        with warnings.catch_warnings():  # its model was pickled by an older scikit-learn
-            warnings.simplefilter("ignore")
-            return np.asarray(model.predict_proba(vectorizer.transform(texts))[:, positive], np.float64)
-
-    return score
-
-
-_WORKER_ENCODER: DocumentEncoder | None = None
-
-
-def _init_worker(tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = DocumentEncoder(tokenizer_json, token_dtype, toxicity)
-
-
-def _encode_in_worker(texts: list[str]) -> EncodedChunk:
-    assert _WORKER_ENCODER is not None, "worker not initialised"
-    return _WORKER_ENCODER(texts)
-
-
-class ChunkRunner:
-    """Runs ``DocumentEncoder`` over chunks of texts, in order: in-process (``workers=0``,
-    the tokenizer's own threads) or in ``workers`` spawned processes, at most
-    ``2 * workers`` chunks in flight."""
-
-    def __init__(self, workers: int, tokenizer_json: str, token_dtype: str, toxicity: ToxicityRecipe):
-        self.workers = workers
-        self._pool = None
-        self._encoder = None
-        if workers > 0:
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")  # no fork of a process with tokenizer threads
-            self._pool = context.Pool(workers, _init_worker, (tokenizer_json, token_dtype, toxicity))
-        else:
-            self._encoder = DocumentEncoder(tokenizer_json, token_dtype, toxicity)
-
-    def map(self, chunks: Iterable[Any], texts_of: Callable[[Any], list[str]]) -> Iterator[tuple[Any, EncodedChunk]]:
-        """``(chunk, encoded)`` for each chunk, in input order."""
-        if self._pool is None:
-            for chunk in chunks:
-                yield chunk, self._encoder(texts_of(chunk))
-            return
-        pending: collections.deque = collections.deque()
-        iterator = iter(chunks)
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < 2 * self.workers:
-                chunk = next(iterator, None)
-                if chunk is None:
-                    exhausted = True
-                    break
-                pending.append((chunk, self._pool.apply_async(_encode_in_worker, (texts_of(chunk),))))
-            if not pending:
-                return
-            chunk, result = pending.popleft()
-            yield chunk, result.get()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-    def __enter__(self) -> "ChunkRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def chunked(items: Iterable[Any], text_of: Callable[[Any], str], max_chars: int, max_items: int) -> Iterator[list[Any]]:
-    """Consecutive groups of at most ``max_items`` items and about ``max_chars`` characters."""
-    group: list[Any] = []
-    chars = 0
-    for item in items:
-        group.append(item)
-        chars += len(text_of(item))
-        if chars >= max_chars or len(group) >= max_items:
-            yield group
-            group, chars = [], 0
-    if group:
-        yield group
-
-
-# ---------------------------------------------------------------------------------------
 # Writing one source
 # ---------------------------------------------------------------------------------------
 
@@ -667,130 +262,6 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def clear_staging(directory: Path) -> None:
-    """Remove a source directory's staged shards (of this run, or left by a killed one)."""
-    staging = directory / STAGING_DIR
-    if staging.is_dir():
-        for path in staging.iterdir():
-            path.unlink()
-        staging.rmdir()
-
-
-def clear_source_dir(directory: Path) -> None:
-    """Remove shards (finished, temporary or staged) of an earlier run from a source directory."""
-    if not directory.is_dir():
-        return
-    clear_staging(directory)
-    clear_source_dir_shards(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make renames inside ``directory`` durable (best effort where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class RollingShards:
-    """Consecutive shards of at most ``records_per_shard`` records (or ``MAX_SHARD_BYTES`` of
-    tokens) for one source directory.
-
-    The number of shards is known only at the end, and it is part of every shard's name:
-    shards are written (by ``records.ShardWriter``, atomically) into a hidden staging
-    directory; ``finish`` closes the last one, and ``commit`` (once every source of the run
-    is finished) replaces the directory's old shards by them, renamed ``shard-i-of-n``. Until
-    then the old shards stay as they are; ``abort`` deletes the staged ones only. An
-    interrupted commit leaves an incomplete set, which ``records.shard_paths`` refuses.
-    """
-
-    def __init__(self, directory: Path, token_dtype: str, records_per_shard: int):
-        self.directory = directory
-        self.staging = directory / STAGING_DIR
-        self.token_dtype = token_dtype
-        self.records_per_shard = records_per_shard
-        self.max_tokens = MAX_SHARD_BYTES // records.TOKEN_DTYPES[token_dtype].itemsize
-        self.finished: list[records.ShardWriter] = []
-        self.current: records.ShardWriter | None = None
-        clear_staging(directory)
-
-    def write(self, ids: np.ndarray, meta: dict[str, Any]) -> None:
-        current = self.current
-        if current is None or current.num_records >= self.records_per_shard or current.num_tokens >= self.max_tokens:
-            current = self._next_shard()
-        try:
-            current.write(ids, meta)
-        except OSError as err:  # a full disk: say which file could not be written
-            raise _naming(err, current.tmp_path) from err
-
-    def _next_shard(self) -> records.ShardWriter:
-        if self.current is not None:
-            self._close_current()
-        self.current = records.ShardWriter(
-            self.staging, len(self.finished), _STAGING_COUNT, token_dtype=self.token_dtype
-        )
-        return self.current
-
-    def _close_current(self) -> None:
-        try:
-            self.current.close()
-        except OSError as err:
-            raise _naming(err, self.current.tmp_path) from err
-        self.finished.append(self.current)
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.finished) + (self.current is not None)
-
-    def finish(self) -> int:
-        """Close the last staged shard; returns the number of shards."""
-        if self.current is None and not self.finished:
-            self._next_shard()  # no record at all: one empty shard keeps the set well-formed
-        if self.current is not None:
-            self._close_current()
-            self.current = None
-        return len(self.finished)
-
-    def files(self) -> list[dict[str, Any]]:
-        """The manifest's ``files`` of the finished shards, under their final names."""
-        count = len(self.finished)
-        return [
-            {**writer.file.to_json(), "name": records.shard_name(i, count)} for i, writer in enumerate(self.finished)
-        ]
-
-    def commit(self) -> None:
-        """Replace the directory's old shards by the finished ones."""
-        count = len(self.finished)
-        clear_source_dir_shards(self.directory)
-        for index, writer in enumerate(self.finished):
-            os.replace(writer.path, self.directory / records.shard_name(index, count))
-        self.staging.rmdir()
-        _fsync_directory(self.directory)
-
-    def abort(self) -> None:
-        """Delete the staged shards; the directory's old shards stay."""
-        if self.current is not None:
-            self.current.abort()
-            self.current = None
-        clear_staging(self.directory)
-
-
-def clear_source_dir_shards(directory: Path) -> None:
-    """Remove the committed shards (and stray temporary shards) of a source directory."""
-    for path in directory.iterdir():
-        if path.is_file() and (records.SHARD_PATTERN.match(path.name) or path.name.startswith(".shard-")):
-            path.unlink()
-
-
-def _naming(err: OSError, path: Path) -> OSError:
-    """``err`` with ``path`` as its file name when it names none."""
-    if err.filename is not None:
-        return err
-    return OSError(err.errno, err.strerror or str(err), str(path)) if err.errno else err
-
-
 @dataclasses.dataclass
 class _SplitWriter:
     name: str
@@ -801,6 +272,7 @@ class _SplitWriter:
     text_bytes: int = 0
     toxicity_sum: float = 0.0
     toxic_documents: int = 0
+    scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per score key, of written documents
 
     def write(self, ids: np.ndarray, meta: dict[str, Any], characters: int, text_bytes: int) -> None:
         self.shards.write(ids, meta)
@@ -811,6 +283,25 @@ class _SplitWriter:
         if meta.get("toxicity") is not None:
             self.toxicity_sum += meta["toxicity"]
             self.toxic_documents += meta["toxicity"] > 0.5
+        for key, value in meta.items():
+            if key.startswith("quality.") and not key.endswith(".percentile") and value is not None:
+                self.scores.setdefault(key, []).append(value)
+
+    def score_summaries(self) -> dict[str, Any]:
+        from jaxlm.data.quality import score_summary
+
+        return {key: score_summary(np.asarray(values)) for key, values in sorted(self.scores.items())}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A spooled document: its split, how much of the chain applies to it, its sizes."""
+
+    split: int
+    filtered: bool
+    transformed: bool
+    characters: int
+    text_bytes: int
 
 
 def build_source(
@@ -820,50 +311,99 @@ def build_source(
     runner: ChunkRunner,
     token_dtype: str,
     *,
+    classifiers: dict[str, PreparedClassifier] | None = None,
     task_chars: int,
     progress: bool,
 ) -> tuple[dict[str, dict[str, Any]], list[RollingShards]]:
-    """Read, encode, score and stage one source (and its held-out split); returns manifest
-    entries (without the tokenizer fields) per prepared source name and the staged shards,
-    for the caller to ``commit`` once every source is built. On any exception the staged
-    shards are deleted and the source's old shards are left as they were."""
+    """Read, transform, encode, score, filter and stage one source (and its held-out split);
+    returns manifest entries (without the tokenizer fields) per prepared source name and the
+    staged shards, for the caller to ``commit`` once every source is built. A chain with
+    whole-source steps (quality selection, Perm(k)) spools the documents that pass the
+    per-document filters (``shards.CandidateSpool``) and writes the selected ones in a second
+    pass, in their original order. On any exception the staged files are deleted and the
+    source's old shards are left as they were."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     stats = ReadStats()
-    fraction = inputs.recipe.valid_fraction
+    recipe = inputs.recipe
+    fraction = recipe.valid_fraction
+    chain = SourceChain(recipe)
+    used = {step.quality.classifier for step in recipe.filters if step.quality is not None}
+    loaded = tuple((n, c.load_path, c.positive_label) for n, c in (classifiers or {}).items() if n in used)
+    work = SourceWork(recipe.filters, chain.hooks, loaded)
     splits: list[_SplitWriter] = []
+    spool: CandidateSpool | None = None
+    candidates: list[_Candidate] = []
+    candidate_scores: dict[str, list[float]] = {name: [] for name in sorted(used)}  # of filtered candidates
     try:
-        for name in split_names(inputs.name, inputs.recipe):
-            shards = RollingShards(out_dir / name, token_dtype, inputs.recipe.records_per_shard)
+        for name in split_names(inputs.name, recipe):
+            shards = RollingShards(out_dir / name, token_dtype, recipe.records_per_shard)
             splits.append(_SplitWriter(name, shards))
+        if chain.needs_all_documents:
+            spool = CandidateSpool(out_dir / inputs.name, token_dtype)
         flagged = held_out_flags(read_documents(inputs, options, stats), fraction)
         chunks = chunked(flagged, lambda item: item[0].text, task_chars, 4096)
+
+        def items_of(chunk) -> list[WorkItem]:
+            return [
+                WorkItem(d.text, d.meta if chain.hooks else {}, _chain_applies(held, recipe.held_out_chain)[1])
+                for d, held in chunk
+            ]
+
         bar = tqdm(desc=f"prepare {inputs.name}", unit="doc", disable=not progress, mininterval=1)
         with bar:
-            for chunk, encoded in runner.map(chunks, lambda c: [d.text for d, _ in c]):
+            for chunk, encoded in runner.map(chunks, items_of, work):
                 offsets = np.concatenate([[0], np.cumsum(encoded.lengths)])
                 for k, (document, held) in enumerate(chunk):
+                    filtered, transformed = _chain_applies(held, recipe.held_out_chain)
+                    hook_drop = encoded.hook_drops[k]
+                    if transformed and chain.hooks:
+                        chain.count_hooks(hook_drop)
+                    if hook_drop is not None:
+                        stats.count_drop(inputs.name, hook_drop)
+                        continue
                     ids = encoded.ids[offsets[k] : offsets[k + 1]]
                     if ids.size == 0:
                         stats.count_drop(inputs.name, DROP_NO_TOKENS)
                         continue
-                    split = splits[1] if held else splits[0]
+                    split_index = 1 if held else 0
                     meta = _json_safe(document.meta)
-                    meta.update(doc_id=document.doc_id, source=split.name, toxicity=None)
+                    meta.update(doc_id=document.doc_id, source=splits[split_index].name, toxicity=None)
                     if encoded.toxicity is not None:
                         meta["toxicity"] = round(float(encoded.toxicity[k]), 6)
                         meta["toxicity_max"] = round(float(encoded.toxicity_max[k]), 6)
-                    split.write(ids, meta, len(document.text), int(encoded.text_bytes[k]))
+                    for i, step in enumerate(recipe.filters):
+                        if step.quality is not None:
+                            meta[quality_key(step.quality.classifier)] = round(float(encoded.features[i][k]), 6)
+                    if filtered:
+                        reason = chain.verdict(encoded.features, k, document.doc_id, meta)
+                        if reason is not None:
+                            stats.count_drop(inputs.name, reason)
+                            continue
+                    characters, text_bytes = int(encoded.characters[k]), int(encoded.text_bytes[k])
+                    if spool is None:
+                        splits[split_index].write(ids, meta, characters, text_bytes)
+                        continue
+                    spool.append(ids, meta)
+                    candidates.append(_Candidate(split_index, filtered, transformed, characters, text_bytes))
+                    if filtered:
+                        for name in candidate_scores:
+                            candidate_scores[name].append(meta[quality_key(name)])
                 bar.update(len(chunk))
                 bar.set_postfix_str(f"{sum(s.text_bytes for s in splits) / 1e6:.0f} MB", refresh=False)
+        if spool is not None:
+            _write_selected(inputs.name, chain, spool, candidates, candidate_scores, splits, stats)
+            spool.remove()
         for split in splits:
             if split.documents == 0:
                 what = "held-out" if split is not splits[0] else "training"
                 raise DataError(
                     f"sources.{inputs.name}: no {what} documents "
-                    f"({sum(s.documents for s in splits)} documents read, valid_fraction {fraction}); "
+                    f"({sum(s.documents for s in splits)} documents {'kept' if recipe.filters else 'read'}, "
+                    f"valid_fraction {fraction}); "
                     + ("lower valid_fraction or add documents" if split is not splits[0] else "lower valid_fraction")
+                    + (" (or loosen the filters)" if recipe.filters else "")
                 )
         shard_counts = [split.shards.finish() for split in splits]
     except BaseException:
@@ -890,17 +430,72 @@ def build_source(
                 "mean": round(split.toxicity_sum / split.documents, 4),
                 "share_above_0.5": round(split.toxic_documents / split.documents, 4),
             }
+        if split.scores:
+            entry["scores"] = split.score_summaries()
         if split is splits[0]:
             entry.update(
-                reader=inputs.recipe.reader,
+                reader=recipe.reader,
                 seconds=round(seconds, 2),  # both splits
                 read=read,
                 dropped=read["dropped"],
             )
+            if recipe.filters or recipe.transforms:
+                entry["chain"] = chain.to_json()
         else:
             entry["held_out_from"] = inputs.name
         entries[split.name] = entry
     return entries, [split.shards for split in splits]
+
+
+def _chain_applies(held: bool, held_out_chain: str) -> tuple[bool, bool]:
+    """``(filtered, transformed)``: whether a document goes through the filters and the transforms."""
+    if not held:
+        return True, True
+    return held_out_chain == "all", held_out_chain != "none"
+
+
+def _write_selected(
+    source: str,
+    chain: SourceChain,
+    spool: CandidateSpool,
+    candidates: list[_Candidate],
+    candidate_scores: dict[str, list[float]],
+    splits: list[_SplitWriter],
+    stats: ReadStats,
+) -> None:
+    """The second pass: whole-source selection, percentiles and Perm(k) over the spooled
+    candidates, then the kept ones written in their original order."""
+    filtered = np.asarray([c.filtered for c in candidates], bool)
+    scores = {name: np.asarray(values, np.float64) for name, values in candidate_scores.items()}
+    kept_filtered, percentiles = chain.select(int(filtered.sum()), scores)
+    kept = np.ones(len(candidates), bool)
+    kept[filtered] = kept_filtered
+    for i in chain.ranking:
+        reason = quality_key(chain.filters[i].quality.classifier)
+        if chain.counts[i].dropped[reason]:
+            stats.count_drop(source, reason, chain.counts[i].dropped[reason])
+    full_percentiles = {}
+    for name, values in percentiles.items():
+        full = np.full(len(candidates), np.nan)
+        full[filtered] = values
+        full_percentiles[name] = full
+    permuted = np.zeros(len(candidates), bool)
+    if chain.perm is not None:
+        for split in range(len(splits)):
+            members = np.flatnonzero(kept & np.asarray([c.split == split and c.transformed for c in candidates], bool))
+            permuted[members] = permuted_documents(len(members), chain.perm, source, split)
+            chain.count_permuted(len(members), int(permuted[members].sum()))
+    for index, ((ids, meta), candidate) in enumerate(zip(spool, candidates)):
+        if not kept[index]:
+            continue
+        for name, values in full_percentiles.items():
+            if not np.isnan(values[index]):
+                meta[percentile_key(name)] = round(float(values[index]), 6)
+        if chain.perm is not None and candidate.transformed:
+            meta["permuted"] = bool(permuted[index])
+            if permuted[index]:
+                ids = permute_tokens(ids, chain.perm, source, index)
+        splits[candidate.split].write(ids, meta, candidate.characters, candidate.text_bytes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1011,17 +606,66 @@ def prepare(
     versions = output_versions(recipe)
     given = load_tokenizer(recipe.tokenizer.path) if recipe.tokenizer.path is not None else None
     recipe_data = to_dict(dataclasses.replace(recipe, out=None, data_dir=None))
-    fingerprint = _digest(
-        {
-            "recipe": recipe_data,
-            "inputs": inputs,
-            "versions": versions,
-            "tokenizer": given.fingerprint() if given is not None else None,
-        }
-    )
+    contents = {
+        "recipe": recipe_data,
+        "inputs": inputs,
+        "versions": versions,
+        "tokenizer": given.fingerprint() if given is not None else None,
+    }
+    chain_inputs = _chain_inputs(recipe, data_root)
+    if chain_inputs:
+        contents["chain_inputs"] = chain_inputs
+    fingerprint = digest(contents)
     plan = _Plan(recipe, out, resolved, inputs, versions, fingerprint, given, data_root, workers, progress, task_chars)
     with DirectoryLock(out, "data prepare"):
         return _prepare_locked(plan, started)
+
+
+def _chain_inputs(recipe: Recipe, data_root: Callable[[], Path]) -> dict[str, Any]:
+    """What the chains read besides the sources: the HQ documents of trained classifiers, the
+    files of given ones, the source of every hook's module (empty without such steps)."""
+    found: dict[str, Any] = {}
+    for name in recipe.classifier_names():
+        spec = recipe.classifiers[name]
+        if spec.path is not None:
+            path = Path(os.path.expanduser(spec.path))
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            found[f"classifiers.{name}"] = [
+                {"path": f.name, "sha256": records.file_sha256(f)} for f in files if f.exists()
+            ] or os.fspath(path)
+        else:
+            positive = resolve_source(f"classifiers.{name}.positive", spec.positive, data_root)
+            found[f"classifiers.{name}"] = input_fingerprints(positive, recipe.fingerprint)
+    for source in recipe.sources.values():
+        for step in source.transforms:
+            if step.hook is not None:
+                found[f"hook {step.hook.function}"] = hook_fingerprint(step.hook)
+    return found
+
+
+def _source_fingerprint(
+    name: str, recipe: Recipe, inputs: list[dict[str, Any]], tokenizer_hash: str, versions: dict[str, Any],
+    classifiers: dict[str, PreparedClassifier],
+) -> str:
+    """What one source's records depend on: its recipe entry (chain included), read options,
+    scorer, inputs, tokenizer, versions, and the classifiers and hooks of its chain."""
+    source = recipe.sources[name]
+    contents: dict[str, Any] = {
+        "source": to_dict(source),
+        "read": to_dict(source.read or recipe.read),
+        "toxicity": to_dict(recipe.toxicity),
+        "inputs": inputs,
+        "tokenizer": tokenizer_hash,
+        "versions": versions,
+    }
+    used = [step.quality.classifier for step in source.filters if step.quality is not None]
+    hooks = [step.hook for step in source.transforms if step.hook is not None]
+    if used or hooks:
+        contents["chain"] = {
+            "classifiers": {n: classifiers[n].fingerprint for n in used},
+            "hooks": {hook.function: hook_fingerprint(hook) for hook in hooks},
+        }
+    return digest(contents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1062,24 +706,17 @@ def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
     tokenizer_file = out / TOKENIZER_FILE
     staged_tokenizer = out / STAGED_TOKENIZER
     pending: list[RollingShards] = []
+    classifiers: dict[str, PreparedClassifier] = {}
     staged_tokenizer.unlink(missing_ok=True)  # left by a killed run
     try:
         tokenizer, trained, sample_fp, sample_chars = _choose_tokenizer(plan, previous, staged_tokenizer)
         tokenizer_hash = tokenizer.fingerprint()
         token_dtype = records.token_dtype_for_vocab(tokenizer.vocab_size)
         common = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        classifiers = prepare_classifiers(recipe, out, resolved, plan.data_root, versions, plan.progress)
         source_fps = {
-            name: _digest(
-                {
-                    "source": to_dict(source),
-                    "read": to_dict(source.read or recipe.read),
-                    "toxicity": to_dict(recipe.toxicity),
-                    "inputs": inputs[name],
-                    "tokenizer": tokenizer_hash,
-                    "versions": versions,
-                }
-            )
-            for name, source in recipe.sources.items()
+            name: _source_fingerprint(name, recipe, inputs[name], tokenizer_hash, versions, classifiers)
+            for name in recipe.sources
         }
         entries: dict[str, dict[str, Any]] = {}
         built: list[str] = []
@@ -1102,7 +739,7 @@ def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
                     source = recipe.sources[name]
                     made, staged = build_source(
                         resolved[name], source.read or recipe.read, out, runner, token_dtype,
-                        task_chars=plan.task_chars, progress=plan.progress,
+                        classifiers=classifiers, task_chars=plan.task_chars, progress=plan.progress,
                     )
                     pending += staged
                     for entry in made.values():
@@ -1113,6 +750,7 @@ def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
     except BaseException:
         for shards in pending:
             shards.abort()
+        classifiers_lib.abort(classifiers)
         staged_tokenizer.unlink(missing_ok=True)
         raise
 
@@ -1124,6 +762,7 @@ def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
         os.replace(staged_tokenizer, tokenizer_file)
     for shards in pending:
         shards.commit()
+    classifiers_lib.commit(classifiers)
     wanted = {n for name, source in recipe.sources.items() for n in split_names(name, source)}
     for stale in set(previous_sources) - wanted:  # sources dropped from the recipe: their shards go
         entry = previous_sources[stale]
@@ -1153,6 +792,7 @@ def _prepare_locked(plan: _Plan, started: float) -> PrepareResult:
             "fields": "toxicity: character-weighted mean of chunk scores; toxicity_max: highest chunk score",
         },
         "dropped": _sum_drops(ordered.values()),
+        **({"classifiers": {n: c.info for n, c in classifiers.items()}} if classifiers else {}),
         "data_dir": os.fspath(plan.data_root()) if any(r.root is not None for r in resolved.values()) else None,
         "recipe": to_dict(recipe),
         "versions": {**environment_versions(), **versions},

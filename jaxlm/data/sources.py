@@ -835,6 +835,50 @@ def read_4chan_ndjson(
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# WikiText
+# ---------------------------------------------------------------------------------------
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $", re.M)
+
+
+def is_wikitext(text: str) -> bool:
+    """Whether ``text`` is in the WikiText release format (`` = Title = `` article headings)."""
+    return _WIKITEXT_TITLE.search(text) is not None
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo WikiText's tokenization artefacts (`` @-@ ``, `` @,@ ``, spaces before punctuation)."""
+    text = re.sub(r" @(.)@ ", r"\1", text)
+    text = re.sub(r" ([.,;:!?)\]'])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    return text
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """A WikiText file's articles (split at `` = Title = `` headings), detokenized, stripped."""
+    pieces = re.split(r"^ = (?=[^=])", text, flags=re.M)
+    return [article for article in (detokenize_wikitext(" = " + p).strip() for p in pieces if p.strip()) if article]
+
+
+def read_wikitext(
+    paths_or_glob: PathSpec, source: str, *, options: ReadOptions = ReadOptions(), stats: ReadStats | None = None
+) -> Iterator[Document]:
+    """One document per WikiText article (``wikitext_articles``); ``doc_id`` is ``<file>:<index>``."""
+    tally = _Tally(source, options, stats, _describe(paths_or_glob), dedupe=False)
+    for path, name in resolve_inputs(paths_or_glob):
+        with open_binary(path) as stream:
+            text = _decode_whole(path, stream.read(), options)
+        if text is None:  # invalid UTF-8 with invalid_utf8: drop (counted)
+            yield from tally.emit(None, name, {"path": name})
+            continue
+        if not is_wikitext(text):
+            raise DataError(f"{path}: not in the WikiText format (no ' = Title = ' article headings)")
+        for index, article in enumerate(wikitext_articles(text)):
+            yield from tally.emit(article, f"{name}:{index}", {"path": name, "article": index})
+    tally.finish()
+
+
 def read_tfds(
     name: str,
     split: str,

@@ -23,7 +23,7 @@ from jaxlm import model as model_lib
 from jaxlm.batching import fill_rows, pad_tokens, padded_batch_size, round_up
 from jaxlm.config import ModelConfig
 from jaxlm.data.labelled import jsonl_records
-from jaxlm.data.sources import read_text
+from jaxlm.data.sources import is_wikitext, read_text, wikitext_articles
 from jaxlm.evaluate.protocols import EvaluationError, check_limit
 from jaxlm.paths import MissingDataError
 
@@ -111,23 +111,12 @@ def score_rows(
 # ---------------------------------------------------------------------------------------
 
 
-def detokenize_wikitext(text: str) -> str:
-    """Undo WikiText's tokenization artefacts (`` @-@ ``, `` @,@ ``, spaces before punctuation)."""
-    text = re.sub(r" @(.)@ ", r"\1", text)
-    text = re.sub(r" ([.,;:!?)\]'])", r"\1", text)
-    text = re.sub(r"([(\[]) ", r"\1", text)
-    return text
-
-
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
     """Held-out documents from a text file (``.gz`` ok): WikiText articles split at ``= Title =``
-    headings, otherwise blank-line separated paragraphs. Empty pieces are skipped."""
+    headings (``sources.wikitext_articles``), otherwise blank-line separated paragraphs. Empty
+    pieces are skipped."""
     text = read_text(path)
-    if re.search(r"^ = [^=].* = $", text, flags=re.M):
-        pieces = re.split(r"^ = (?=[^=])", text, flags=re.M)
-        docs = [detokenize_wikitext(" = " + p).strip() for p in pieces if p.strip()]
-    else:
-        docs = [p.strip() for p in re.split(r"\n\s*\n", text)]
+    docs = wikitext_articles(text) if is_wikitext(text) else [p.strip() for p in re.split(r"\n\s*\n", text)]
     docs = [d for d in docs if d]
     return docs[:limit] if limit else docs
 
@@ -192,6 +181,56 @@ def text_loss(
     ce = float(-all_lp.mean())
     kl = float(np.concatenate(kls).mean()) if ref_params is not None else None
     return TextLoss(ce=ce, perplexity=float(np.exp(ce)), kl=kl, n_tokens=int(all_lp.size), n_rows=len(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentLosses:
+    """Per-document next-token losses of a model on a prepared source."""
+
+    nll: np.ndarray  # [n] summed negative log-likelihood (nats) of each document's predicted tokens
+    tokens: np.ndarray  # [n] predicted tokens per document
+    meta: list[dict[str, Any]]  # each document's record metadata (scores, flags)
+
+    def ce(self, mask: np.ndarray | None = None) -> float:
+        """Token-weighted mean cross-entropy over the documents ``mask`` selects (default: all)."""
+        keep = np.ones(len(self.nll), bool) if mask is None else mask
+        return float(self.nll[keep].sum() / max(int(self.tokens[keep].sum()), 1))
+
+
+def prepared_document_losses(
+    config: ModelConfig,
+    params: Params,
+    source_dir: str | Path,
+    *,
+    max_documents: int | None = None,
+    max_len: int | None = None,
+    batch_size: int = 16,
+    progress: str | None = "ce",
+) -> DocumentLosses:
+    """The loss of every document (the first ``max_documents``, in stored order) of a prepared
+    source, each cut into windows of up to ``max_len`` tokens (the model's context at most) that
+    start with the end-of-document id as context, as ``text_loss`` scores text."""
+    from jaxlm.data import records
+
+    info = records.source_info_for_directory(source_dir)
+    length = min(max_len or config.max_seq_len, config.max_seq_len)
+    rows: list[list[int]] = []
+    owners: list[int] = []
+    metas: list[dict[str, Any]] = []
+    for index, (ids, meta) in enumerate(records.iter_documents(source_dir)):
+        if max_documents is not None and index >= max_documents:
+            break
+        windows = [r for r in window_rows([ids.tolist()], length, info.eos_id) if len(r) >= 2]
+        rows += windows
+        owners += [len(metas)] * len(windows)
+        metas.append(meta)
+    if not rows:
+        raise EvaluationError(f"{source_dir}: no document with a token to predict")
+    logps, _ = score_rows(config, params, rows, batch_size=batch_size, pad_id=info.pad_id, progress=progress)
+    owner = np.asarray(owners)
+    nll = np.bincount(owner, [-float(lp.sum()) for lp in logps], len(metas))
+    tokens = np.bincount(owner, [lp.size for lp in logps], len(metas)).astype(np.int64)
+    return DocumentLosses(nll, tokens, metas)
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 ``ToxicityScorer`` is the base of every backend in ``jaxlm.evaluate.toxicity`` (which
 re-exports these names). ``profanity_check_model`` is the one place the ``alt-profanity-check``
 package is loaded: the ``profanity-check`` scorer, the reference the ``jaxlm`` scorer is stacked
-with (``toxicity_model``) and the data-preparation toxicity filter (``data.prepare``) all use it.
+with (``toxicity_model``) and the data-preparation toxicity scores (``data.encode``) all use it.
 This module imports no other jaxlm scorer module, so ``toxicity`` -> ``toxicity_model`` ->
 ``scorer`` is one-way.
 """

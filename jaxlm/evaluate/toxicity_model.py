@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -481,6 +482,8 @@ def load_or_train_default_model(
             return model
         log.warning("toxicity model %s was trained on other data; retraining", path)
     log.warning("training the jaxlm toxicity scorer (one-off, cached at %s)", path)
-    model = train_default_model(data_dir, settings)
+    # A progress bar only on a terminal: commands with their own --no-progress, and a one-line
+    # error of a command that loaded the scorer first, must not carry one.
+    model = train_default_model(data_dir, settings, progress=sys.stderr.isatty())
     model.save(path)
     return model

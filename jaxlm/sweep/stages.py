@@ -202,7 +202,8 @@ class Sweep:
 
     def prepare(self, build: bool = True) -> None:
         """The prepared dataset of the recipe (built or reused by ``jaxlm.data.prepare``)."""
-        from jaxlm.data.prepare import load_recipe, prepare
+        from jaxlm.data.prepare import prepare
+        from jaxlm.data.recipe import load_recipe
 
         recipe = load_recipe(self.config.recipe)
         target = Path(recipe.out) if recipe.out else self.out / "data"
