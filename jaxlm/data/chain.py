@@ -16,7 +16,7 @@ import numpy as np
 from jaxlm.data.encode import hook_drop_reason
 from jaxlm.data.filters import ExactDuplicates, NearDuplicates
 from jaxlm.data.quality import percentile_band, score_percentiles, top_fraction
-from jaxlm.data.recipe import FilterStep, PermStep, SourceRecipe
+from jaxlm.data.recipe import PermStep, SourceRecipe
 
 DROP_DEDUP = "dedup"
 DROP_NEAR_DEDUP = "near_dedup"
@@ -30,13 +30,6 @@ def quality_key(classifier: str) -> str:
 
 def percentile_key(classifier: str) -> str:
     return f"quality.{classifier}.percentile"
-
-
-def drop_reason(step: FilterStep) -> str:
-    """The reason a step's drops are counted under (heuristic drops add the failing rule)."""
-    if step.quality is not None:
-        return quality_key(step.quality.classifier)
-    return {"dedup": DROP_DEDUP, "near_dedup": DROP_NEAR_DEDUP, "toxicity": DROP_TOXICITY}.get(step.kind, step.kind)
 
 
 def step_label(step: Any) -> str:
@@ -178,16 +171,17 @@ def permuted_documents(count: int, step: PermStep, source: str, split: int) -> n
     ``round(fraction * count)`` of them, uniformly at random (seeded by step, source and split)."""
     chosen = np.zeros(count, bool)
     number = int(round(step.fraction * count))
-    rng = np.random.default_rng([step.seed, _source_seed(source), split])
+    rng = np.random.default_rng([step.seed, source_seed(source), split])
     chosen[rng.choice(count, size=number, replace=False)] = True
     return chosen
 
 
 def permute_tokens(ids: np.ndarray, step: PermStep, source: str, index: int) -> np.ndarray:
     """A seeded random permutation of one document's tokens (``index``: its position in the source)."""
-    rng = np.random.default_rng([step.seed, _source_seed(source), 2**32 + index])
+    rng = np.random.default_rng([step.seed, source_seed(source), 2**32 + index])
     return ids[rng.permutation(ids.size)]
 
 
-def _source_seed(source: str) -> int:
+def source_seed(source: str) -> int:
+    """A stable 32-bit seed component per source name (the tokenizer sample uses it too)."""
     return int.from_bytes(hashlib.sha256(source.encode()).digest()[:4], "little")

@@ -62,7 +62,6 @@ import collections
 import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -78,7 +77,14 @@ import numpy as np
 from jaxlm.config import ConfigError, to_dict
 from jaxlm.data import DataError, records
 from jaxlm.data import classifiers as classifiers_lib
-from jaxlm.data.chain import SourceChain, percentile_key, permute_tokens, permuted_documents, quality_key
+from jaxlm.data.chain import (
+    SourceChain,
+    percentile_key,
+    permute_tokens,
+    permuted_documents,
+    quality_key,
+    source_seed,
+)
 from jaxlm.data.classifiers import PreparedClassifier, prepare_classifiers
 from jaxlm.data.encode import (
     TOXICITY_PACKAGE,
@@ -161,7 +167,7 @@ def sample_texts(documents: Iterable[Document], sample_chars: int, seed: int, so
     uniform random ``ceil(sample_chars / SAMPLE_PIECE_CHARS)`` of them (Algorithm R).
     """
     capacity = max(1, math.ceil(sample_chars / SAMPLE_PIECE_CHARS))
-    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(source.encode()).digest()[:4], "little")])
+    rng = np.random.default_rng([seed, source_seed(source)])
     reservoir: list[list[str]] = []
     seen = 0
 
