@@ -22,7 +22,7 @@ DEBUG_ENV = "JAXLM_DEBUG"
 
 # Subcommand modules under jaxlm.cli, in the order `jaxlm --help` lists them.
 SUBCOMMAND_MODULES = ("info", "data", "train", "posttrain", "probe", "iti", "steer", "generate", "eval", "redteam", "export",
-                      "average", "toy", "sweep")
+                      "average", "toy", "sweep", "rounds")
 
 
 def add_documented_parser(subparsers, name: str, summary: str, doc: str) -> argparse.ArgumentParser:
