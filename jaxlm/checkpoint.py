@@ -226,8 +226,18 @@ def non_finite_leaves(tree: Any) -> list[str]:
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
-    finite = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floats])
+    if not floats:
+        return []
+    # One compiled program for the whole tree: with several processes every eager op on a global
+    # array is a collective, and many small ones in flight at once can interleave differently
+    # across processes; one program is one step every process takes in the same order.
+    finite = np.asarray(_leaves_finite([x for _, x in floats]))
     return [name for (name, _), ok in zip(floats, finite) if not ok]
+
+
+@jax.jit
+def _leaves_finite(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def _describe(err: BaseException) -> str:
