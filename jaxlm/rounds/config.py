@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from jaxlm.config import ConfigError, from_dict, load
+from jaxlm.config import ConfigError, load
 
 Selection = Literal["none", "random", "hardest", "boost"]
 
@@ -207,7 +207,3 @@ def load_rounds_config(path: str | None, overrides: list[str] | tuple[str, ...] 
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
     return config
-
-
-def from_mapping(data: dict[str, Any]) -> RoundsConfig:
-    return from_dict(RoundsConfig, data)

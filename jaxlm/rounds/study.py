@@ -108,8 +108,7 @@ def build_task(config: RoundsConfig, out: Path, progress: bool) -> TaskData:
 
     unit = out / "task"
     fp = fingerprint("task", STUDY_VERSION, to_dict(config.task))
-    done = finished(unit, fp)
-    if done is None:
+    if finished(unit, fp) is None:
         task = config.task
         generator = np.random.default_rng(task.seed)
         train = sample_problems(generator, task.train_prompts, task.digits)
@@ -130,7 +129,7 @@ def build_task(config: RoundsConfig, out: Path, progress: bool) -> TaskData:
             "toxicity": {"enabled": False},
         })
         prepare(recipe, unit / "data", workers=0, progress=progress)
-        done = mark(unit, fp, curriculum=len(corpus), curriculum_hard=hard)
+        mark(unit, fp, curriculum=len(corpus), curriculum_hard=hard)
     problems = read_json(unit / "problems.json")
     return TaskData(tuple(Problem(**p) for p in problems["train"]), tuple(Problem(**p) for p in problems["test"]),
                     unit / "data", fp)
