@@ -8,7 +8,9 @@
 * killed at any step (SIGKILL) and restarted, a run reproduces the uninterrupted losses
   exactly: parameters, optimizer state and the data-iterator state are checkpointed
   together, and metrics after the restored step are rewritten;
-* SIGTERM / SIGINT save a checkpoint and return cleanly (preemption);
+* SIGTERM / SIGINT save a checkpoint and return cleanly (preemption); with several processes
+  (``jax.distributed``) a signal to any one of them is shared at the end of each step, so every
+  process saves the same step and stops (``agreed_signal``);
 * a non-finite loss (or state) stops the run with a diagnostic and never checkpoints the bad
   state; the message calls a checkpoint "last good" only when its checksums were verified;
 * checkpoints are sealed with checksums and verified on restore: an unreadable newest one is
@@ -225,10 +227,18 @@ def read_run_config(run_dir: Path) -> dict | None:
     return read_yaml(path) if path.exists() else None
 
 
+# How this process joins the run, not what is trained: each process of one run has its own
+# process_id, and a restarted job may get another coordinator host.
+LAUNCH_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
 def check_config(config: TrainConfig, recorded: dict, what: str, allow_config_change: bool) -> None:
     """Refuse ``config`` when it differs from ``recorded`` (``what`` says where that came from),
-    unless ``allow_config_change``: then the differences are logged."""
-    diffs = _config_diff(recorded, json.loads(json.dumps(to_dict(config))))
+    unless ``allow_config_change``: then the differences are logged. ``LAUNCH_FIELDS`` are not compared."""
+    def trained(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k not in LAUNCH_FIELDS}
+
+    diffs = _config_diff(trained(recorded), trained(json.loads(json.dumps(to_dict(config)))))
     if diffs and not allow_config_change:
         raise ConfigMismatchError(
             f"{what} ({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); "
@@ -387,6 +397,23 @@ def preemption_signals() -> Iterator[dict]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def agreed_signal(local: str | None) -> str | None:
+    """The preemption signal any process has received, the same answer on every process.
+
+    One process stopping alone would leave the others waiting in the next step's collectives,
+    so each step every process contributes its flag (a signal number, 0 for none) to an
+    all-gather: a sync point after which all save the same step and stop. With one process
+    it is just ``local``.
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    code = signal.Signals[local].value if local else 0
+    received = [int(c) for c in np.asarray(multihost_utils.process_allgather(np.int32(code))).ravel() if c]
+    return signal.Signals(max(received)).name if received else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,7 +726,8 @@ def _run_steps(
                     check_finite(*pending)
                 pending = (step, metrics, sources)
                 checkpoints.poll()
-                received = signal_flag["signal"]  # read once: a signal arriving later is seen next step
+                # read once (a signal arriving later is seen next step), agreed across processes
+                received = agreed_signal(signal_flag["signal"])
                 must_save = step % config.checkpoint.every == 0 or step == stop_at or received
                 if step % config.log_every == 0 or must_save:
                     check_finite(*pending)
