@@ -504,30 +504,35 @@ def model_config_of(path: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, run_config["model"], "model")
 
 
-def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
-    """Model config, float32 parameters (on the default device) and tokenizer from ``path``:
-    a jaxlm run directory, one of its ``checkpoints/<step>`` directories, or an HF checkpoint
-    directory of any family ``jaxlm.hf`` supports (recognised by ``config.json``'s
-    ``model_type``), each with the ``tokenizer.json`` next to it (None without one).
+def load_model(path: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+    """Model config, float32 parameters (on the default device, or sharded on ``mesh``) and
+    tokenizer from ``path``: a jaxlm run directory, one of its ``checkpoints/<step>``
+    directories, or an HF checkpoint directory of any family ``jaxlm.hf`` supports (recognised
+    by ``config.json``'s ``model_type``), each with the ``tokenizer.json`` next to it (None
+    without one).
 
     A jaxlm checkpoint read (``step``, the step directory ``path`` names, or else the newest) is
     verified against its checksums and must hold finite parameters of the shapes in the run's
     ``config.yaml``; otherwise a ``CheckpointError`` names its directory and the run's other
     steps. There is no silent fallback to an older step: inference reads what was asked for.
+
+    ``mesh``: the parameters are read straight into their training shardings on it
+    (``jaxlm.sharding.param_shardings``: orbax restores each shard onto its devices; HF
+    tensors go from host memory to their shards), and inference on them runs sharded on
+    ``mesh`` (``jaxlm.decode.generate``, ``jaxlm.probe.collect_activations``). A mesh whose
+    axes do not divide the model is a ``ConfigError`` before anything is read.
     """
     path = Path(path)
     from jaxlm import hf
 
     if hf.is_hf_checkpoint(path):
-        config, params = hf.load(path)
+        config, params = hf.load(path, mesh=mesh)
         return LoadedModel(config, params, _load_tokenizer(path / TOKENIZER_FILE), None, path)
 
     run_dir, step_from_path = _find_run_dir(path)
     step = step if step is not None else step_from_path
     config = model_config_of(run_dir)
-
-    from jaxlm import model as model_lib
-
+    abstract_params = _abstract_params(config, mesh)
     manager = ocp.CheckpointManager(
         (run_dir / CHECKPOINT_SUBDIR).absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
@@ -541,10 +546,6 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
             step = steps[-1]
         elif step not in steps:
             raise FileNotFoundError(f"{run_dir / CHECKPOINT_SUBDIR}: no checkpoint for step {step}; have {steps}")
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract_params = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_lib.param_shapes(config)
-        )
         try:
             params = _restore_params(manager, step, abstract_params, run_dir / CONFIG_FILE)
         except UnreadableCheckpointError as err:
@@ -554,6 +555,21 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     finally:
         manager.close()
     return LoadedModel(config, params, _load_tokenizer(run_dir / TOKENIZER_FILE), step, run_dir)
+
+
+def _abstract_params(config: ModelConfig, mesh: jax.sharding.Mesh | None) -> Any:
+    """Shapes, dtypes and placement of the parameters to restore: their training shardings on
+    ``mesh`` (``jaxlm.sharding.param_shardings``), else the default device."""
+    from jaxlm import model as model_lib
+    from jaxlm import sharding as sharding_lib
+
+    shapes = model_lib.param_shapes(config)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    else:
+        shardings = sharding_lib.param_shardings(config, mesh)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes, shardings)
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any, config_path: Path) -> Any:

@@ -19,6 +19,16 @@ count real tokens only (a row's first real token is position 0), so a row's cont
 does not depend on how much it was padded. A row stops after emitting ``eos_id``; its later
 slots hold ``pad_id``. Sampling is seeded: the key for step ``i`` is ``fold_in(rng, i)``.
 
+Sharding: generation runs where the parameters are. Parameters on a mesh (``NamedSharding``s,
+e.g. ``jaxlm.checkpoint.load_model(path, mesh=...)`` or ``jaxlm.sharding.place_params``) make
+both programs run on that mesh under the logical-axis rules: the prompts' batch over
+``data`` x ``fsdp`` (filled up to a multiple of those shards with copies of the last prompt,
+which count as done from the start and are dropped from the result), the KV cache laid out
+per ``jaxlm.model.CACHE_LOGICAL_AXES`` (batch over the data axes, kv heads over ``tensor``),
+the intervention and the key replicated. The tokens equal those of one device (greedy, and
+sampling with the same key: its draws do not depend on the sharding); log-probs agree to
+float rounding (sharded matmuls sum in another order).
+
 Numerics: the loop carries, per row, the first step whose logits held a NaN or inf; after
 the loop ``generate`` raises ``NonFiniteLogitsError`` naming that row and step, rather than
 returning the (meaningless, often empty) text such logits produce.
@@ -38,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxlm.batching import pad_tokens, round_up
+from jaxlm import sharding as sharding_lib
+from jaxlm.batching import fill_rows, pad_tokens, round_up
 from jaxlm.config import ModelConfig
 from jaxlm.errors import JaxlmError
 from jaxlm.intervene import Intervention
@@ -394,6 +405,7 @@ def generate(
     ``temperature`` 0 is greedy; otherwise ``rng`` (a key or an int seed) is required.
     ``intervention``: any ``Intervention``, each edit applied per its position policy; its
     scale and arrays may change between calls without recompiling.
+    Parameters on a mesh run the generation sharded on it (see the module docstring).
     """
     settings = SamplingSettings(
         max_new_tokens=max_new_tokens,
@@ -424,10 +436,31 @@ def generate(
     else:
         intervention.check_compatible(config)
     intervention = intervention.program_form()
-    state = prefill(params, tokens, mask, intervention, rng, config=config, settings=settings)
-    if max_new_tokens > 1:
-        state = decode(params, state, intervention, config=config, settings=settings)
-    check_finite_logits(np.asarray(state.first_nonfinite), float(intervention.scale))
-    return Generation(
-        tokens=state.tokens, lengths=state.lengths, logprobs=state.logprobs if return_logprobs else None
-    )
+    scale = float(intervention.scale)
+    mesh = sharding_lib.inference_mesh(params)
+    rows = tokens.shape[0]
+    if mesh is not None:
+        tokens, mask, intervention, rng = _on_mesh(mesh, tokens, mask, intervention, rng)
+    with sharding_lib.activation_sharding(mesh):
+        state = prefill(params, tokens, mask, intervention, rng, config=config, settings=settings)
+        if tokens.shape[0] > rows:
+            state = state.replace(done=state.done | (jnp.arange(tokens.shape[0]) >= rows))
+        if max_new_tokens > 1:
+            state = decode(params, state, intervention, config=config, settings=settings)
+    check_finite_logits(np.asarray(state.first_nonfinite)[:rows], scale)
+    out = Generation(tokens=state.tokens, lengths=state.lengths, logprobs=state.logprobs if return_logprobs else None)
+    return out if tokens.shape[0] == rows else jax.tree.map(lambda x: x[:rows], out)
+
+
+def _on_mesh(mesh, tokens: Array, mask: Array, intervention: Intervention, rng: Array):
+    """A generation's inputs on ``mesh``: the prompts filled up to a multiple of its batch shards
+    (copies of the last prompt) and split over them; the intervention and the key replicated."""
+    rows = round_up(tokens.shape[0], sharding_lib.batch_shards(mesh))
+    tokens, mask = sharding_lib.shard_batch(_fill_batch((tokens, mask), rows), mesh)
+    intervention, rng = jax.device_put((intervention, rng), sharding_lib.replicated(mesh))
+    return tokens, mask, intervention, rng
+
+
+def _fill_batch(arrays: tuple[Array, ...], rows: int) -> tuple[np.ndarray, ...]:
+    """Each ``[B, ...]`` array followed by copies of its last row up to ``rows`` rows."""
+    return tuple(np.stack(fill_rows(list(np.asarray(a)), rows)) for a in arrays)

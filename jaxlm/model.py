@@ -126,7 +126,7 @@ def dense(x: Array, w: Array, in_dims: int = 1) -> Array:
     """Contract the last ``in_dims`` axes of ``x`` with the first ``in_dims`` axes of ``w``.
 
     Written as one 2-D matmul: XLA:CPU runs the backward pass of a 2-D dot several times
-    faster than that of the equivalent multi-axis einsum (see docs/benchmarks.md).
+    faster than that of the equivalent multi-axis einsum.
     """
     lead, contract = x.shape[: x.ndim - in_dims], x.shape[x.ndim - in_dims :]
     out = w.shape[in_dims:]
@@ -600,16 +600,23 @@ def param_shapes(config: ModelConfig) -> Any:
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None, dtype: str | None = None) -> KVCache:
-    """An empty cache with ``max_len`` slots (default: the model's context length)."""
+    """An empty cache with ``max_len`` slots (default: the model's context length), laid out
+    per ``CACHE_LOGICAL_AXES`` when traced under ``jaxlm.sharding.activation_sharding``."""
     max_len = max_len or config.max_seq_len
     shape = (config.n_layers, batch_size, max_len, config.resolved_kv_heads, config.resolved_head_dim)
     kv_dtype = _dtype(dtype or config.dtype)
-    return KVCache(
+    return constrain_cache(KVCache(
         k=jnp.zeros(shape, kv_dtype),
         v=jnp.zeros(shape, kv_dtype),
         segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
-    )
+    ))
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """``cache`` constrained to ``CACHE_LOGICAL_AXES`` (batch over the data axes, kv heads over
+    ``tensor``) under logical-axis rules; unchanged without them (one device)."""
+    return nn.with_logical_constraint(cache, CACHE_LOGICAL_AXES)
 
 
 CACHE_LOGICAL_AXES = KVCache(

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.batching import length_buckets, pad_tokens
+from jaxlm import sharding as sharding_lib
+from jaxlm.batching import length_buckets, pad_tokens, round_up
 from jaxlm.config import ConfigError, ModelConfig, to_dict
 from jaxlm.errors import JaxlmError
 from jaxlm.model import SITES, Params, forward
@@ -120,7 +121,9 @@ def collect_activations(
     non-pad token) or ``"mean"`` (mean over non-pad tokens). Texts are sorted by length
     and padded to a few bucket lengths, so one compile serves each bucket. With
     ``out_path`` the result is written to a ``.npy`` memmap batch by batch (and returned
-    as that memmap).
+    as that memmap). Parameters on a mesh (``jaxlm.sharding.place_params``, ``load_model(...,
+    mesh=)``) run each batch sharded on it, its rows (padded to a multiple of the mesh's
+    batch shards) over ``data`` x ``fsdp``; the activations equal one device's to float rounding.
     """
     per_text = site_shape(config, site)
     if position not in POSITIONS:
@@ -146,15 +149,19 @@ def collect_activations(
 
     buckets = length_buckets(max_len)
     order = np.argsort([len(seq) for seq in ids], kind="stable")
-    rows = min(batch_size, len(ids))
+    mesh = sharding_lib.inference_mesh(params)
+    step = min(batch_size, len(ids))
+    rows = round_up(step, sharding_lib.batch_shards(mesh))
     with tqdm(total=len(ids), desc=f"{site} activations", unit="text", disable=not progress) as bar:
-        for start in range(0, len(ids), rows):
-            chosen = order[start : start + rows]
+        for start in range(0, len(ids), step):
+            chosen = order[start : start + step]
             batch = [ids[i] for i in chosen]
             length = next(b for b in buckets if b >= max(map(len, batch)))
             tokens, real = pad_tokens(batch, length, rows=rows, side=padding)
             segments = real.astype(np.int32)  # real tokens in segment 1, padding (and extra rows) 0
-            acts = _reduced_site(config, params, jnp.asarray(tokens), jnp.asarray(segments), site=site, position=position)
+            tokens, segments = sharding_lib.shard_batch((tokens, segments), mesh)
+            with sharding_lib.activation_sharding(mesh):
+                acts = _reduced_site(config, params, jnp.asarray(tokens), jnp.asarray(segments), site=site, position=position)
             result[chosen] = np.asarray(acts)[: len(chosen)]
             bar.update(len(chosen))
     if isinstance(result, np.memmap):
@@ -244,56 +251,68 @@ class ProbeConfig:
             raise ConfigError(f"probe: max_iter must be >= 1 and tol > 0, got {self.max_iter}, {self.tol}")
 
 
-def _fit_logistic(x, y, weight, C, standardize, max_iter, tol):
-    """One head: Newton's method with backtracking on the weighted, L2-penalised log-loss.
+def _fit_logistic(x, y, theta0, C, standardize, max_iter, tol):
+    """One head: Newton's method with backtracking on the L2-penalised mean log-loss.
 
-    x [N, D], y [N] in {0, 1}, weight [N] (0 excludes an example). Returns raw-space
-    (w [D], b []), decision values [N] for every example, iterations, converged.
+    x [N, D] (the training rows), y [N] in {0, 1}, ``theta0`` [D+1] the start (intercept first,
+    standardised units; zeros to start afresh). Returns raw-space (w [D], b []), theta [D+1]
+    to continue from, the iterations run and whether it converged. Newton's step depends on
+    theta alone, so a fit continued from its theta is the same fit.
     """
-    n = jnp.sum(weight)
-    mean = weight @ x / n
-    std = jnp.sqrt(weight @ jnp.square(x - mean) / n)
+    n = x.shape[0]
+    mean = jnp.mean(x, axis=0)
+    std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=0))
     std = jnp.where(std > 1e-12 * (1.0 + jnp.abs(mean)), std, 1.0)
     design = jnp.concatenate([jnp.ones_like(x[:, :1]), (x - mean) / std], axis=1)  # [N, D+1]
     # sklearn: 0.5 |w_raw|^2 + C sum loss; divided by C n. In standardised units w_raw = beta / std.
     penalty = jnp.where(standardize, jnp.ones_like(std), 1.0 / jnp.square(std)) / (C * n)
     penalty = jnp.concatenate([jnp.zeros((1,), x.dtype), penalty])
-    w = weight / n
 
-    def objective(theta):
-        z = design @ theta
-        return w @ (jax.nn.softplus(z) - y * z) + 0.5 * penalty @ jnp.square(theta)
+    def objective(theta, z):
+        return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * penalty @ jnp.square(theta)
 
     def newton_step(state):
-        theta, i, _, _ = state
-        z = design @ theta
+        theta, z, f0, i, _ = state
         p = jax.nn.sigmoid(z)
-        grad = design.T @ (w * (p - y)) + penalty * theta
-        hess = (design * (w * p * (1.0 - p))[:, None]).T @ design + jnp.diag(penalty)
+        grad = design.T @ (p - y) / n + penalty * theta
+        hess = (design * (p * (1.0 - p) / n)[:, None]).T @ design + jnp.diag(penalty)
         hess = hess + 1e-7 * jnp.mean(jnp.diag(hess)) * jnp.eye(hess.shape[0], dtype=hess.dtype)
         direction = -jnp.linalg.solve(hess, grad)
+        dz = design @ direction  # the trial points' logits are z + t dz: no further matmul
         slope = grad @ direction  # = -(Newton decrement)^2
-        f0 = objective(theta)
         slack = 4.0 * jnp.finfo(x.dtype).eps * jnp.abs(f0)
 
-        def too_far(t):
-            return (objective(theta + t * direction) > f0 + 1e-4 * t * slope + slack) & (t > 1e-3)
+        def trial(t):
+            return objective(theta + t * direction, z + t * dz)
 
-        t = jax.lax.while_loop(too_far, lambda t: 0.5 * t, jnp.ones((), x.dtype))
-        return theta + t * direction, i + 1, -0.5 * slope, -0.5 * slope <= tol
+        def too_far(carry):
+            t, f = carry
+            return (f > f0 + 1e-4 * t * slope + slack) & (t > 1e-3)
+
+        def halve(carry):
+            t = 0.5 * carry[0]
+            return t, trial(t)
+
+        one = jnp.ones((), x.dtype)
+        t, f = jax.lax.while_loop(too_far, halve, (one, trial(one)))
+        return theta + t * direction, z + t * dz, f, i + 1, -0.5 * slope <= tol
 
     def keep_going(state):
-        _, i, _, converged = state
-        return (i < max_iter) & ~converged
+        return (state[3] < max_iter) & ~state[4]
 
-    init = (jnp.zeros(design.shape[1], x.dtype), jnp.zeros((), jnp.int32), jnp.inf, jnp.zeros((), bool))
-    theta, iterations, _, converged = jax.lax.while_loop(keep_going, newton_step, init)
+    z0 = design @ theta0
+    init = (theta0, z0, objective(theta0, z0), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    theta, _, _, iterations, converged = jax.lax.while_loop(keep_going, newton_step, init)
     coef = theta[1:] / std
     intercept = theta[0] - coef @ mean
-    return coef, intercept, design @ theta, iterations, converged
+    return coef, intercept, theta, iterations, converged
 
 
-_fit_heads = jax.jit(jax.vmap(_fit_logistic, in_axes=(0, None, None, None, None, None, None)))
+_fit_heads = jax.jit(jax.vmap(_fit_logistic, in_axes=(0, None, 0, None, None, None, None)))
+
+# Newton iterations every head gets; heads still short of ``tol`` then continue in a smaller
+# batch (vmapped heads all run until the slowest converges, and most need 4-6 iterations).
+FIRST_PASS_ITERATIONS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +330,14 @@ def _heads_per_chunk(n: int, d: int, total: int, budget_bytes: int = 1 << 30) ->
     return max(1, min(total, budget_bytes // max(1, 16 * n * (d + 1))))
 
 
+def _padded_heads(block: np.ndarray, theta: np.ndarray, heads: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``block`` [G, N, D] and ``theta`` rows of ``heads``, padded (with the first) to a power of two up to
+    ``chunk`` heads, so a few compiled shapes serve every count of unconverged heads."""
+    size = min(chunk, 1 << int(np.ceil(np.log2(len(heads)))))
+    picked = np.concatenate([heads, np.full(size - len(heads), heads[0])])
+    return block[picked], theta[picked]
+
+
 def fit_logistic_heads(
     features: np.ndarray,
     labels: np.ndarray,
@@ -325,23 +352,39 @@ def fit_logistic_heads(
     """Fit one logistic regression per head on ``features`` [N, G, D] (rows in ``train_mask``).
 
     Heads go through the jitted, vmapped solver in equal chunks (the last padded) so
-    memory stays bounded and one compile serves all chunks; ``scores`` are decision
-    values for every row (train and held-out).
+    memory stays bounded and one compile serves all chunks: ``FIRST_PASS_ITERATIONS`` Newton
+    iterations for every head, then the unconverged ones continue together. Only the
+    training rows enter the solver; ``scores`` are decision values for every row (train and
+    held-out).
     """
     n, g, d = features.shape
-    y = jnp.asarray(labels, jnp.float32)
-    weight = jnp.asarray(np.ones(n) if train_mask is None else train_mask, jnp.float32)
-    chunk = heads_per_chunk or _heads_per_chunk(n, d, g)
+    rows = np.arange(n) if train_mask is None else np.flatnonzero(train_mask)
+    y = jnp.asarray(np.asarray(labels)[rows], jnp.float32)
+    chunk = heads_per_chunk or _heads_per_chunk(len(rows), d, g)
+    settings = (jnp.float32(C), jnp.asarray(standardize))
+    first_pass = min(max_iter, FIRST_PASS_ITERATIONS)
     parts = []
     for start in range(0, g, chunk):
-        block = np.asarray(features[:, start : start + chunk], np.float32).transpose(1, 0, 2)
-        real = block.shape[0]
+        every_row = np.asarray(features[:, start : start + chunk], np.float32).transpose(1, 0, 2)  # [G, N, D]
+        real = every_row.shape[0]
+        block = every_row[:, rows] if train_mask is not None else every_row
         if real < chunk:
-            block = np.concatenate([block, np.zeros((chunk - real, n, d), np.float32)])
-        out = _fit_heads(
-            jnp.asarray(block), y, weight, jnp.float32(C), jnp.asarray(standardize), jnp.int32(max_iter), jnp.float32(tol)
+            block = np.concatenate([block, np.zeros((chunk - real, *block.shape[1:]), np.float32)])
+        theta0 = np.zeros((chunk, d + 1), np.float32)
+        coef, intercept, theta, iterations, converged = (
+            np.array(a) for a in _fit_heads(block, y, theta0, *settings, jnp.int32(first_pass), jnp.float32(tol))
         )
-        parts.append([np.asarray(a)[:real] for a in out])
+        todo = np.flatnonzero(~converged[:real]) if max_iter > first_pass else np.zeros(0, int)
+        if todo.size:
+            more_block, more_theta = _padded_heads(block, theta, todo, chunk)
+            more = _fit_heads(more_block, y, more_theta, *settings, jnp.int32(max_iter - first_pass), jnp.float32(tol))
+            for target, value in zip((coef, intercept, theta), more[:3]):
+                target[todo] = np.asarray(value)[: todo.size]
+            iterations[todo] += np.asarray(more[3])[: todo.size]
+            converged[todo] = np.asarray(more[4])[: todo.size]
+        coef, intercept = coef[:real], intercept[:real]
+        scores = np.matmul(every_row, coef[:, :, None])[..., 0] + intercept[:, None]
+        parts.append((coef, intercept, scores, iterations[:real], converged[:real]))
     coef, intercept, scores, iterations, converged = (np.concatenate(col) for col in zip(*parts))
     return HeadFits(coef, intercept, scores, iterations, converged)
 

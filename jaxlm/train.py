@@ -57,7 +57,7 @@ class Trainer:
 
     # -- shardings -------------------------------------------------------------------
     def param_shardings(self) -> Any:
-        return sharding_lib.logical_to_sharding(model_lib.param_logical_axes(self.model_config), self.mesh, self.rules)
+        return sharding_lib.param_shardings(self.model_config, self.mesh, self.rules)
 
     def state_shardings(self) -> TrainState:
         params_sh = self.param_shardings()

@@ -253,7 +253,7 @@ def loaded_model(params, monkeypatch):
     from jaxlm import checkpoint
 
     loaded = checkpoint.LoadedModel(CFG, params, ByteTokenizer(), None, None)
-    monkeypatch.setattr(checkpoint, "load_model", lambda path, step=None: loaded)
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, step=None, mesh=None: loaded)
     return loaded
 
 

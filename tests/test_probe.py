@@ -273,7 +273,7 @@ def test_cli_writes_report_activations_and_labels(tiny, tmp_path, monkeypatch, c
             handle.write(line)
     config, params = tiny
     loaded = LoadedModel(config=config, params=params, tokenizer=ByteTokenizer(), step=7, source=tmp_path / "ckpt")
-    monkeypatch.setattr(jaxlm.checkpoint, "load_model", lambda path: loaded)
+    monkeypatch.setattr(jaxlm.checkpoint, "load_model", lambda path, mesh=None: loaded)
 
     out = tmp_path / "out"
     argv = ["probe", "--checkpoint", str(tmp_path / "ckpt"), "--data", "toxigen:balanced:part=all", "--out", str(out),

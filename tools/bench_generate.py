@@ -77,8 +77,12 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--top-p", type=float, default=0.0,
+                        help="0: greedy; else nucleus sampling at temperature 1 with this top-p on both sides")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not 0.0 <= args.top_p <= 1.0:
+        parser.error(f"--top-p: expected a number in [0, 1], got {args.top_p}")
 
     import torch
     import transformers
@@ -94,14 +98,16 @@ def main() -> None:
     n_new = args.new_tokens
     print(
         f"{args.preset}: {config.num_params() / 1e6:.1f}M params, batch {args.batch}, prompts "
-        f"{int(mask.sum(1).min())}-{args.prompt_len} tokens (left-padded), {n_new} new tokens, greedy, "
+        f"{int(mask.sum(1).min())}-{args.prompt_len} tokens (left-padded), {n_new} new tokens, "
+        f"{f'top-p {args.top_p:g} (temperature 1)' if args.top_p else 'greedy'}, "
         f"ITI on {iti.k} of {config.n_layers * config.n_heads} heads, alpha {args.alpha}, mode last; "
         f"jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
 
     # -- jaxlm -------------------------------------------------------------------------------
-    settings = decode.SamplingSettings(max_new_tokens=n_new)
+    sampling = {"temperature": 1.0, "top_p": args.top_p} if args.top_p else {}
+    settings = decode.SamplingSettings(max_new_tokens=n_new, **sampling)
     key = jax.random.key(0)
     tokens_j, mask_j = jnp.asarray(tokens), jnp.asarray(mask)
 
@@ -110,7 +116,8 @@ def main() -> None:
         return decode.decode(params, state, None, config=config, settings=settings).tokens.block_until_ready()
 
     def jax_generate(intervention):
-        out = decode.generate(config, params, tokens, prompt_mask=mask, max_new_tokens=n_new, intervention=intervention)
+        out = decode.generate(config, params, tokens, prompt_mask=mask, max_new_tokens=n_new, intervention=intervention,
+                              rng=key, **sampling)
         return out.tokens.block_until_ready()
 
     # -- transformers ----------------------------------------------------------------------------
@@ -120,7 +127,8 @@ def main() -> None:
         hf_model = hf_class.from_pretrained(export_dir, dtype=torch.float32).eval()
     shift = np.array(iti.alpha * iti.head_shift()).reshape(config.n_layers, -1)  # [L, H*D], head-major
     hf_inputs = {"input_ids": torch.from_numpy(tokens).long(), "attention_mask": torch.from_numpy(mask).long()}
-    hf_kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    hf_kwargs = dict(max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0, eos_token_id=None)
+    hf_kwargs.update(dict(do_sample=True, top_p=args.top_p, top_k=0, temperature=1.0) if args.top_p else dict(do_sample=False))
 
     def make_hook(layer_shift: torch.Tensor):
         def hook(module, inputs):
@@ -195,6 +203,9 @@ def main() -> None:
     print(f"ITI overhead, HF: {100 * (hf_iti_t / hf_plain - 1):+.1f}%")
     print(f"speed-up jaxlm vs HF: plain {hf_plain / plain:.2f}x, ITI {hf_iti_t / jax_iti:.2f}x")
     for name, (ours, theirs) in parity.items():
+        if args.top_p:
+            print(f"token parity with HF ({name}): not compared (each side samples with its own random numbers)")
+            continue
         same_rows = int((ours == theirs).all(axis=1).sum())
         prefix = [int(np.argmax(np.append(o != t, True))) for o, t in zip(ours, theirs)]
         print(f"greedy parity with HF ({name}): {same_rows}/{len(ours)} rows identical, "

@@ -54,7 +54,7 @@ from bench_model import (  # noqa: E402  (same directory)
     append_markdown,
     interleaved_times,
     jaxlm_step,
-    load_hf_olmo,
+    load_hf,
     markdown_table,
     preset_config,
     print_table,
@@ -275,7 +275,7 @@ def main() -> None:
     tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))
     jax_run, jax_batch, params = jaxlm_train_runner(config, opt_config, args.seed, tokens)
     hf_dir = tempfile.mkdtemp(prefix="bench-train-hf-")
-    hf_model = load_hf_olmo(config, params, hf_dir)
+    hf_model = load_hf(config, params, hf_dir)
     torch_tokens = torch.tensor(tokens, dtype=torch.long)
     runners = {
         "jaxlm": (jax_run, jax_batch),
@@ -285,7 +285,7 @@ def main() -> None:
         # bench_model's steps use row[:-1] as inputs: one extra token gives the same seq_len positions.
         extra = np.concatenate([tokens, tokens[:, :1]], axis=1)
         runners["jaxlm fwd+bwd"] = (jaxlm_step(config, params), jnp.asarray(extra, jnp.int32))
-        runners["transformers fwd+bwd"] = (torch_step(load_hf_olmo(config, params, hf_dir)), torch.tensor(extra, dtype=torch.long))
+        runners["transformers fwd+bwd"] = (torch_step(load_hf(config, params, hf_dir)), torch.tensor(extra, dtype=torch.long))
 
     load_start = os.getloadavg()[0]
     peaks = {"jaxlm": measure_matmul_flops(args.matmul_size, repeats=10), "transformers": torch_matmul_flops(args.matmul_size, 10)}

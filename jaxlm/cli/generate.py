@@ -7,7 +7,8 @@ compiles a handful of programs; every scale reuses them. ``--iti``/``--alpha`` a
 names of ``--intervention``/``--scale``. Output: one JSON line per prompt
 (``prompt``, ``completion``, ``tokens``, ``prompt_truncated``) on stdout, or into ``--out``.
 A prompt longer than the context left after ``--max-new-tokens`` keeps its last tokens
-(one warning counts them; ``prompt_truncated`` marks them).
+(one warning counts them; ``prompt_truncated`` marks them). ``--mesh data=2,fsdp=2,tensor=2``
+loads the model sharded over the devices and generates on them (the same tokens as one device).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def check_options(args: argparse.Namespace) -> None:
     options.at_least("--top-k", args.top_k, 0)
     options.finite("--temperature", args.temperature, minimum=0.0)
     options.nucleus("--top-p", args.top_p)
+    options.mesh_config("--mesh", args.mesh)
     from jaxlm.cli.steer import intervention_options
 
     intervention_options(args)
@@ -83,6 +85,7 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaxlm.checkpoint import CheckpointError, load_model
+    from jaxlm.cli import options
     from jaxlm.cli.options import OptionError
     from jaxlm.cli.steer import intervention_options, load_intervention
     from jaxlm.evaluate.protocols import generate_texts
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         prompts += read_prompts(Path(args.prompts_file))
     if not prompts:
         raise OptionError("no prompts: give --prompt TEXT and/or --prompts-file FILE")
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, mesh=options.mesh("--mesh", args.mesh))
     if loaded.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer next to the checkpoint")
     intervention = load_intervention(args, loaded.config)
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from jaxlm.cli.options import add_mesh_argument
     from jaxlm.cli.steer import add_intervention_arguments
 
     parser = subparsers.add_parser(
@@ -146,6 +150,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    add_mesh_argument(parser)
     parser.add_argument("--out", help="write JSON lines here instead of stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

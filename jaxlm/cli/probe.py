@@ -3,6 +3,7 @@
 Writes into ``--out``: ``activations.npy`` ([N, L, H, D] float32, streamed), ``labels.npy``,
 ``probe_report.json`` (``accuracy`` as an L x H list, ``auc``, ``ranking``, ...),
 ``probe_heatmap.png`` and ``probe_weights.npz`` (for building ITI interventions).
+``--mesh data=2,fsdp=2,tensor=2`` collects the activations with the model sharded over the devices.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def check_options(args: argparse.Namespace) -> None:
     options.at_least("--limit", args.limit, 1)
     options.at_least("--folds", args.folds, 1)
     options.finite("--C", args.C)
+    options.mesh_config("--mesh", args.mesh)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxlm.checkpoint import CheckpointError, load_model
+    from jaxlm.cli import options
     from jaxlm.data.labelled import load_labelled, parse_data_spec
     from jaxlm import ops
     from jaxlm.probe import ProbeConfig
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else spec.seed
     probe_config = ProbeConfig(C=args.C, folds=args.folds, seed=seed, standardize=args.standardize)
     data = load_labelled(spec, args.data_dir, limit=args.limit, seed=seed)
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, mesh=options.mesh("--mesh", args.mesh))
     if model.tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json next to the checkpoint")
     counts = data.class_counts()
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from jaxlm.cli.options import add_mesh_argument
+
     parser = add_documented_parser(
         subparsers, "probe", "fit a linear probe per attention head on labelled texts and rank the heads", __doc__
     )
@@ -91,5 +96,6 @@ def register(subparsers) -> None:
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (scikit-learn convention)")
     parser.add_argument("--folds", type=int, default=1, help="1: one 4:1 split; k >= 2: stratified k-fold")
     parser.add_argument("--standardize", action="store_true", help="penalise standardised weights")
+    add_mesh_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

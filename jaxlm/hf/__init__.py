@@ -105,18 +105,25 @@ def with_baked_output_bias(config: ModelConfig, params: Mapping[str, Any], famil
     return config, dict(params)
 
 
-def load(path: str | os.PathLike, **changes: Any) -> tuple[ModelConfig, dict]:
+def load(path: str | os.PathLike, *, mesh: Any = None, **changes: Any) -> tuple[ModelConfig, dict]:
     """Read an HF checkpoint directory of any supported family as (``ModelConfig``, float32 params).
 
     No torch needed: tensors are read with safetensors' numpy API (bf16/fp16 are upcast).
-    ``changes`` override jaxlm-only config fields (see ``config_from_hf``).
+    ``changes`` override jaxlm-only config fields (see ``config_from_hf``). ``mesh`` (a
+    ``jax.sharding.Mesh``): each tensor goes straight from host memory into its training
+    sharding on it (``jaxlm.sharding.param_shardings``); None: the default device.
     """
     import jax
 
+    from jaxlm import sharding
+
     path = Path(path)
     fam, config = _read_config(path, changes)
+    shardings = None if mesh is None else sharding.param_shardings(config, mesh)  # a misfit mesh fails before the read
     params = _family.load_weights(fam, config, path)
-    return config, jax.tree.map(jax.numpy.asarray, params)
+    if shardings is None:
+        return config, jax.tree.map(jax.numpy.asarray, params)
+    return config, sharding.shard(params, shardings)
 
 
 def load_config(path: str | os.PathLike, **changes: Any) -> ModelConfig:
