@@ -352,6 +352,9 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype; parameters are always float32
     remat: Literal["none", "block", "minimal"] = "none"  # rematerialisation per block
     scan_layers: bool = True  # one compiled block scanned over layers (fast compile)
+    # "softmax": jaxlm's own attention (float32 logits); "xla" / "cudnn": jax.nn.dot_product_attention
+    # with that implementation ("cudnn": the fused flash kernel on NVIDIA GPUs, bf16/fp16 only).
+    attention: Literal["softmax", "xla", "cudnn"] = "softmax"
     # Architecture options (see the class docstring).
     norm_position: Literal["pre", "post"] = "pre"
     qk_norm: Literal["none", "projection", "head"] = "none"
@@ -371,7 +374,7 @@ class ModelConfig:
     OMIT_AT_DEFAULT: typing.ClassVar[tuple[str, ...]] = (
         "norm_position", "qk_norm", "qkv_bias", "out_bias", "mlp_bias", "mlp_activation", "gated_mlp",
         "parallel_residual", "rotary_dim", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-        "rope_high_freq_factor", "rope_original_max_len",
+        "rope_high_freq_factor", "rope_original_max_len", "attention",
     )
 
     def __post_init__(self) -> None:

@@ -211,15 +211,18 @@ def attention_mask(q_slots: Array, q_segments: Array, kv_segments: Array) -> Arr
     return causal & same & (kv_segments[:, None, :] != 0)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str = "softmax") -> Array:
     """Softmax attention (fp32 logits): q [B, T, H, D], k/v [B, S, H_kv, D], mask [B, T, S] -> [B, T, H, D].
 
     Query heads are grouped onto key/value heads (GQA) only when there are fewer of those:
-    the plain 4-D layout is faster on CPU.
+    the plain 4-D layout is faster on CPU. ``implementation`` ``"xla"`` or ``"cudnn"`` calls
+    ``jax.nn.dot_product_attention`` instead (``ModelConfig.attention``).
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     scale = 1.0 / np.sqrt(d)
+    if implementation != "softmax":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
     if kv == h:
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
         logits = jnp.where(mask[:, None], logits, _MASK_VALUE)
@@ -273,7 +276,7 @@ class Attention(nn.Module):
             new_cache = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
 
-        head_out = attend(q, k, v, attention_mask(q_slots, q_segments, kv_segments))
+        head_out = attend(q, k, v, attention_mask(q_slots, q_segments, kv_segments), cfg.attention)
         head_out = nn.with_logical_constraint(
             head_out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         )

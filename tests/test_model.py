@@ -206,3 +206,24 @@ def test_sharded_forward_on_8_devices_equals_single_device(params):
         out = fwd(sharded, tokens_sharded)
     assert len(out.sharding.device_set) == 8
     np.testing.assert_allclose(out, model.forward(CFG, params, tokens).logits, atol=1e-5)
+
+
+def test_dot_product_attention_implementation_equals_own_attention():
+    """``attention: xla`` (jax.nn.dot_product_attention) gives the logits and cached decode of the
+    default softmax attention, GQA and packed segments included."""
+    import dataclasses
+
+    from jaxlm.config import model_preset
+    from jaxlm.model import forward, init_cache, init_params
+
+    config = dataclasses.replace(model_preset("tiny"), n_kv_heads=2)
+    other = dataclasses.replace(config, attention="xla")
+    params = init_params(config, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (2, 12)), jnp.int32)
+    segments = jnp.asarray([[1] * 5 + [2] * 7, [0] * 3 + [1] * 9], jnp.int32)
+    full = forward(config, params, tokens, segment_ids=segments).logits
+    np.testing.assert_allclose(forward(other, params, tokens, segment_ids=segments).logits, full, atol=1e-5, rtol=1e-5)
+    cache = init_cache(other, 2, 16)
+    first = forward(other, params, tokens[:, :8], segment_ids=segments[:, :8], cache=cache)
+    rest = forward(other, params, tokens[:, 8:], segment_ids=segments[:, 8:], cache=first.cache)
+    np.testing.assert_allclose(rest.logits, full[:, 8:], atol=1e-5, rtol=1e-5)

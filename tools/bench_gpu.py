@@ -6,9 +6,10 @@
 Training: ``jaxlm.train.Trainer``'s jitted, donating step (forward, backward, clip, AdamW) on
 random tokens, compute in bfloat16 (parameters float32), timed after warm-up with the loss read
 back each step. MFU = ``ModelConfig.flops_per_token`` x tokens/s over the device's dense bf16
-peak (``jaxlm.perf``: 989 TFLOP/s for an H100/H200; on CPU a measured fp32 matmul). Attention
-is the model's own XLA softmax attention: ``jaxlm.model.attend`` has no cuDNN flash path yet,
-so none is taken. Decode: ``jaxlm.decode.generate`` greedy, left-padded random prompts, no
+peak (``jaxlm.perf``: 989 TFLOP/s for an H100/H200; on CPU a measured fp32 matmul). On a GPU
+the training rows use ``attention: cudnn`` (``jax.nn.dot_product_attention``'s cuDNN flash
+kernel); if that fails to compile the error is recorded and the row is measured again with
+jaxlm's own softmax attention (the row's ``attention`` says which ran). Decode: ``jaxlm.decode.generate`` greedy, left-padded random prompts, no
 stop token, without an intervention and with ITI (``add`` at ``head_out`` on K heads). Peak
 memory: the device's ``peak_bytes_in_use`` since the process started (not reported by the CPU backend). Writes
 ``device_check.json`` and ``device_check.md`` to ``--out``; a section that fails (e.g. out of
@@ -51,12 +52,26 @@ def peak_memory_bytes() -> int | None:
 
 
 def train_row(preset: str, batch: int, seq_len: int, remat: str, steps: int, warmup: int) -> dict:
+    """The training row with cuDNN attention on a GPU, else (or if that fails) jaxlm's own attention."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return timed_train_row(preset, batch, seq_len, remat, steps, warmup, "softmax")
+    try:
+        return timed_train_row(preset, batch, seq_len, remat, steps, warmup, "cudnn")
+    except Exception as err:
+        row = timed_train_row(preset, batch, seq_len, remat, steps, warmup, "softmax")
+        return {**row, "cudnn_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+
+
+def timed_train_row(preset: str, batch: int, seq_len: int, remat: str, steps: int, warmup: int, attention: str) -> dict:
     from bench_train import jaxlm_train_runner, optimizer_config
 
     from jaxlm import perf
     from jaxlm.config import model_preset
 
-    config = dataclasses.replace(model_preset(preset), dtype="bfloat16", remat=remat, max_seq_len=max(seq_len, 64))
+    config = dataclasses.replace(model_preset(preset), dtype="bfloat16", remat=remat, max_seq_len=max(seq_len, 64),
+                                 attention=attention)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq_len))
     run, device_batch, _ = jaxlm_train_runner(config, optimizer_config(1e-4), 0, tokens)
     start = time.perf_counter()
@@ -75,7 +90,7 @@ def train_row(preset: str, batch: int, seq_len: int, remat: str, steps: int, war
     flops = config.flops_per_token(seq_len)
     return {
         "preset": preset, "params_M": round(config.num_params() / 1e6, 1), "batch": batch, "seq_len": seq_len,
-        "remat": remat, "dtype": "bfloat16", "first_step_s": round(first, 2), "median_step_s": round(median, 4),
+        "remat": remat, "attention": attention, "dtype": "bfloat16", "first_step_s": round(first, 2), "median_step_s": round(median, 4),
         "tokens_per_s": round(tokens_per_s), "mfu": round(perf.mfu(flops, tokens_per_s, peak, 1), 4),
         "peak_flops": peak, "peak_source": source, "last_loss": loss, "peak_memory_bytes": peak_memory_bytes(),
     }
@@ -135,7 +150,7 @@ def markdown(rows: list[dict], header: dict) -> str:
         gib = f"{row['peak_memory_bytes'] / 2**30:.1f}" if row.get("peak_memory_bytes") else "n/a"
         if "tokens_per_s" in row:
             lines.append(f"| {row['section']} | {row['tokens_per_s']:,} | {100 * row['mfu']:.1f}% | "
-                         f"{row['median_step_s']} | {gib} | remat {row['remat']}, {row['peak_source']} |")
+                         f"{row['median_step_s']} | {gib} | remat {row['remat']}, attention {row['attention']}, {row['peak_source']} |")
         elif "error" in row or "skipped" in row:
             lines.append(f"| {row['section']} | | | | | {row.get('error') or 'skipped: ' + row['skipped']} |")
         else:
