@@ -61,7 +61,7 @@ from jaxlm.errors import DirectoryLock, JaxlmError
 from jaxlm.files import replace_atomically, write_json
 from jaxlm.objectives import DPOConfig
 from jaxlm.optim import OptimizerConfig
-from jaxlm.sharding import make_mesh
+from jaxlm.sharding import batch_shards, make_mesh
 from jaxlm.train import Trainer
 from jaxlm.versions import package_versions
 
@@ -563,12 +563,12 @@ def _train_locked(
         check_config(config, recorded, f"{run_dir} was created with a different config", allow_config_change)
     mesh = make_mesh(config.mesh)
     data = config.data_config
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if data is not None and (data.batch_size // config.grad_accum) % batch_shards:
+    shards = batch_shards(mesh)
+    if data is not None and (data.batch_size // config.grad_accum) % shards:
         section = "data" if config.objective == "lm" else "examples"
         raise ConfigError(
             f"{section}.batch_size: {data.batch_size} rows per step (/ grad_accum {config.grad_accum}) do not split "
-            f"over the mesh's {batch_shards} batch shards (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+            f"over the mesh's {shards} batch shards (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
             "use a multiple, or set mesh.data / mesh.fsdp"
         )
     trainer = Trainer(

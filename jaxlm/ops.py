@@ -20,7 +20,7 @@ from jaxlm.probe import ProbeConfig, ProbeResult, collect_activations, train_pro
 def collect(model, texts: Sequence[str], site: str, *, batch_size: int = 32, max_len: int | None = None,
             position: str = "last", out_path: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
     """``site``'s activations at one position per text: [N, L, H, D] at head_out, [N, L, d] at a
-    residual site (``jaxlm.probe.collect_activations``)."""
+    residual site (``jaxlm.probe.collect_activations``; sharded when ``model`` was loaded onto a mesh)."""
     return collect_activations(model.config, model.params, model.tokenizer, texts, site=site, batch_size=batch_size,
                                max_len=max_len, position=position, out_path=out_path, progress=progress)
 

@@ -80,13 +80,14 @@ def fit_problems(shapes: Any, logical_specs: Any, shardings: Any) -> list[str]:
     (``logical_specs``: the same tree of logical ``PartitionSpec``s, to name the axis)."""
     problems = []
     specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for (path, shape), logical, sharding in zip(jax.tree_util.tree_leaves_with_path(shapes), specs, jax.tree.leaves(shardings)):
+    leaves = zip(jax.tree_util.tree_leaves_with_path(shapes), specs, jax.tree.leaves(shardings))
+    for (path, shape), logical, sharding in leaves:
         for size, name, axes in zip(shape.shape, logical, sharding.spec):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            parts = math.prod(sharding.mesh.shape[a] for a in axes)
-            if size % parts:
+            if size % math.prod(sharding.mesh.shape[a] for a in axes):
                 over = " x ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
-                problems.append(f"{jax.tree_util.keystr(path, simple=True, separator='.')} axis {name!r} ({size}) over {over}")
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                problems.append(f"{where} axis {name!r} ({size}) over {over}")
     return problems
 
 
@@ -110,14 +111,18 @@ def place_params(config: ModelConfig, params: Any, mesh: Mesh, rules: LogicalRul
     """``params`` on ``mesh`` with ``param_shardings``; leaves the model does not declare
     (biases baked by ``jaxlm.intervene.bake_into_params``) are replicated."""
     declared = dict(jax.tree_util.tree_leaves_with_path(param_shardings(config, mesh, rules)))
-    return jax.tree_util.tree_map_with_path(lambda path, x: jax.device_put(x, declared.get(path, replicated(mesh))), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.device_put(x, declared.get(path, replicated(mesh))), params
+    )
 
 
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh the arrays of ``tree`` are placed on (``NamedSharding``), or None when none is."""
-    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree) if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
+    shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(tree)]
+    meshes = {s.mesh for s in shardings if isinstance(s, NamedSharding)}
     if len(meshes) > 1:
-        raise ConfigError(f"arrays on {len(meshes)} different meshes ({'; '.join(map(describe, meshes))}); place them on one")
+        raise ConfigError(f"arrays on {len(meshes)} different meshes ({'; '.join(map(describe, meshes))}); "
+                          "place them on one")
     return meshes.pop() if meshes else None
 
 

@@ -98,7 +98,8 @@ def test_place_params_equals_loading_onto_the_mesh(single, sharded):
 @pytest.mark.parametrize("devices, mesh", [(3, MeshConfig(data=1, tensor=3)), (8, MeshConfig(data=1, tensor=8))])
 def test_a_mesh_that_does_not_divide_the_model_is_one_clear_error(tiny_run_dir, single, devices, mesh):
     mesh = sharding.make_mesh(mesh, jax.devices()[:devices])
-    with pytest.raises(ConfigError, match=rf"mesh data=1, fsdp=1, tensor={devices} does not divide the model: .*'heads' \(4\)") as err:
+    message = rf"mesh data=1, fsdp=1, tensor={devices} does not divide the model: .*'heads' \(4\)"
+    with pytest.raises(ConfigError, match=message) as err:
         load_model(tiny_run_dir, mesh=mesh)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="does not divide the model"):
@@ -156,7 +157,8 @@ def test_the_kv_cache_is_sharded_in_prefill_and_decode(sharded, prompts):
         state = decode.prefill(sharded.params, tokens, mask, intervention, rng, config=sharded.config, settings=settings)
         expected = sharding.logical_to_sharding(CACHE_LOGICAL_AXES, mesh)
         for name in ("k", "v", "segment_ids"):
-            assert getattr(state.cache, name).sharding.is_equivalent_to(getattr(expected, name), getattr(state.cache, name).ndim), name
+            array = getattr(state.cache, name)
+            assert array.sharding.is_equivalent_to(getattr(expected, name), array.ndim), name
         if mesh.shape["tensor"] == 2:
             assert state.cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor")
         state = decode.decode(sharded.params, state, intervention, config=sharded.config, settings=settings)
@@ -197,6 +199,7 @@ def test_cli_generate_on_a_mesh_equals_one_device(tiny_run_dir, capsys):
     assert capsys.readouterr().out == one
     assert main(base + ["--mesh", "tensor=8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("jaxlm generate: error: mesh data=1, fsdp=1, tensor=8 does not divide the model") and err.count("\n") == 1
+    assert err.startswith("jaxlm generate: error: mesh data=1, fsdp=1, tensor=8 does not divide the model")
+    assert err.count("\n") == 1
     assert main(base + ["--mesh", "data=2,model=4"]) == 2
     assert "--mesh: expected data=N,fsdp=N,tensor=N" in capsys.readouterr().err
