@@ -330,6 +330,11 @@ def _heads_per_chunk(n: int, d: int, total: int, budget_bytes: int = 1 << 30) ->
     return max(1, min(total, budget_bytes // max(1, 16 * n * (d + 1))))
 
 
+def decision_values(features: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """[G, N] decision values of per-head probes (``coef`` [G, D], ``intercept`` [G]) on ``features`` [N, G, D]."""
+    return np.einsum("ngd,gd->gn", features, coef) + intercept[:, None]
+
+
 def _padded_heads(block: np.ndarray, theta: np.ndarray, heads: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """``block`` [G, N, D] and ``theta`` rows of ``heads``, padded (with the first) to a power of two up to
     ``chunk`` heads, so a few compiled shapes serve every count of unconverged heads."""
@@ -383,7 +388,7 @@ def fit_logistic_heads(
             iterations[todo] += np.asarray(more[3])[: todo.size]
             converged[todo] = np.asarray(more[4])[: todo.size]
         coef, intercept = coef[:real], intercept[:real]
-        scores = np.matmul(every_row, coef[:, :, None])[..., 0] + intercept[:, None]
+        scores = decision_values(every_row.transpose(1, 0, 2), coef, intercept)
         parts.append((coef, intercept, scores, iterations[:real], converged[:real]))
     coef, intercept, scores, iterations, converged = (np.concatenate(col) for col in zip(*parts))
     return HeadFits(coef, intercept, scores, iterations, converged)
@@ -691,7 +696,7 @@ def transfer_accuracies(
     out = []
     for test_acts, test_labels in tests:
         test_features = test_acts.reshape(len(test_acts), n_layers * n_heads, d).astype(np.float32)
-        scores = np.einsum("mgd,gd->gm", test_features, fits.coef) + fits.intercept[:, None]
+        scores = decision_values(test_features, fits.coef, fits.intercept)
         out.append({
             "accuracy": accuracy_scores(scores, test_labels).reshape(n_layers, n_heads),
             "auc": auc_scores(scores, test_labels).reshape(n_layers, n_heads),

@@ -335,14 +335,6 @@ def causal_dot_product_attention(implementation: str):
         model_lib.attend = original
 
 
-def has_attention_option() -> bool:
-    import dataclasses
-
-    from jaxlm.config import ModelConfig
-
-    return "attention" in {f.name for f in dataclasses.fields(ModelConfig)}
-
-
 def lowered_attention_calls(config, batch: int, seq: int) -> list[str]:
     """The cuDNN / attention custom-call targets in the lowered forward of ``config`` (e.g. ``__cudnn$fmhaSoftmax``)."""
     import re
@@ -374,8 +366,6 @@ def child_train(spec: dict) -> dict:
     stack = contextlib.ExitStack()
     attention = spec["attention"]
     if attention == "cudnn":
-        if not has_attention_option():
-            raise RuntimeError("this jaxlm's ModelConfig has no `attention` option (softmax | xla | cudnn)")
         changes["attention"] = cudnn
         how = f"ModelConfig.attention={cudnn!r}: jax.nn.dot_product_attention(mask=[B,1,T,S], implementation={cudnn!r})"
     elif attention == "cudnn_causal":
